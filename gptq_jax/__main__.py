@@ -1,0 +1,3 @@
+from gptq_jax.cli import main
+
+raise SystemExit(main())
