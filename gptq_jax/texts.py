@@ -89,7 +89,11 @@ def load_documents(source: str | TextSource, split: str | None = None, text_fiel
         raise TextSourceError(
             f"dataset {src.name!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)})"
         )
-    return list(ds[text_field])
+    docs = list(ds[text_field])
+    if src.kind != "hub" and Path(src.location).suffix.lower() == ".txt":
+        docs = [d.strip("\n") for d in docs]
+        docs = [d for d in docs if d]
+    return docs
 
 
 def load_text(source: str | TextSource, split: str | None = None, text_field: str = "text") -> str:
