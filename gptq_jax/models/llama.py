@@ -1,0 +1,393 @@
+"""LLaMA-family causal LM in Flax NNX (llama, mistral, ministral, qwen2), and the HF state dict <-> model mapping.
+
+Module names mirror transformers' (``model.embed_tokens``, ``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``,
+``input_layernorm``, ``post_attention_layernorm``, ``model.norm``, ``lm_head`` absent when tied), so a parameter's
+dotted path is its HF tensor name (a `Linear`'s ``kernel`` is the transpose of HF's ``weight``).
+
+Numerics: parameters in ``param_dtype``, activations in ``dtype``; matmuls accumulate in float32; RMSNorm, softmax
+and logits are float32. Rotary embeddings use HF's rotate_half convention (row j pairs with j + head_dim/2).
+
+Masks and positions: ``attention_mask`` (B, T) of 0/1 marks real tokens (left or right padding). Positions are
+``cumsum(mask) - 1`` as transformers' ``generate`` derives them (pads get 1), so the logits of real tokens in a padded
+batch equal those of the sequence alone. Without a mask, positions are 0..T-1. Logits at pad positions are finite
+but meaningless.
+
+Running one decoder layer alone (the GPTQ pipeline does)::
+
+    hidden = model.model.embed_tokens(input_ids)                  # (B, T, hidden) in the compute dtype
+    positions = positions_from_mask(attention_mask, T)            # (B, T) int32
+    for layer in model.model.layers:
+        hidden = layer(hidden, positions, attention_mask)         # attention_mask (B, T) or None
+    hidden = model.model.norm(hidden)
+
+Jit: the model is an NNX module; use ``nnx.jit`` or `jit_forward` (nnx.split once + jax.jit); shapes and the
+config are static, so each (B, T) shape compiles once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.typing import DTypeLike
+
+from gptq_jax.models.config import SLIDING_ATTENTION, ModelConfig, rope_frequencies
+from gptq_jax.models.linear import Linear, LinearLike
+
+_MASKED = float(np.finfo(np.float32).min)
+
+
+class StateDictError(ValueError):
+    """A state dict that does not fit the model (missing / unexpected tensor, wrong shape)."""
+
+
+class Embed(nnx.Module):
+    """Token embedding, weight (vocab, hidden) exactly as HF's ``embed_tokens.weight``."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype: DTypeLike, param_dtype: DTypeLike,
+                 rngs: nnx.Rngs):
+        self.dtype = jnp.dtype(dtype)
+        self.weight = nnx.Param(
+            jax.nn.initializers.normal(0.02)(rngs.params(), (num_embeddings, features), param_dtype)
+        )
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        """(B, T) int -> (B, T, features) in the compute dtype."""
+        return jnp.take(self.weight[...], input_ids, axis=0).astype(self.dtype)
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """Tied lm_head: hidden (..., features) -> float32 logits (..., vocab)."""
+        return jax.lax.dot_general(
+            hidden.astype(self.dtype),
+            self.weight[...].astype(self.dtype),
+            (((hidden.ndim - 1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + eps) computed in float32, cast to the compute dtype, times weight (HF order)."""
+
+    def __init__(self, features: int, eps: float, *, dtype: DTypeLike, param_dtype: DTypeLike):
+        self.eps = float(eps)
+        self.dtype = jnp.dtype(dtype)
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+        normed = (xf * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+        return self.weight[...].astype(self.dtype) * normed
+
+
+def positions_from_mask(attention_mask: jax.Array | None, seq_len: int, batch: int = 1) -> jax.Array:
+    """(B, T) int32 positions: 0..T-1 without a mask, else cumsum(mask) - 1 (pads get 1, like transformers)."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+    m = attention_mask.astype(jnp.int32)
+    return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 1).astype(jnp.int32)
+
+
+def rotary_cos_sin(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin (B, T, head_dim) float32 for integer positions (B, T); HF layout cat(freqs, freqs)."""
+    inv_freq, scale = rope_frequencies(config)
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (B, T, heads, D); cos/sin (B, T, D) float32, cast to x's dtype as HF does."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+def attention_mask_4d(attention_mask: jax.Array | None, batch: int, seq_len: int,
+                      sliding_window: int | None = None) -> jax.Array:
+    """Boolean (B, 1, T, T) mask, True where query t may attend key s: causal, key not padding, and inside the
+    sliding window (s > t - window, as transformers) when one is given."""
+    q = jnp.arange(seq_len)[:, None]
+    k = jnp.arange(seq_len)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed = allowed & (k > q - sliding_window)
+    allowed = jnp.broadcast_to(allowed[None, None], (batch, 1, seq_len, seq_len))
+    if attention_mask is not None:
+        allowed = allowed & (attention_mask[:, None, None, :] > 0)
+    return allowed
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, param_dtype: DTypeLike, rngs: nnx.Rngs):
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.num_kv_heads = c.num_key_value_heads
+        self.head_dim = c.head_dim
+        self.dtype = jnp.dtype(dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
+        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
+        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
+        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """x (B, T, hidden); cos/sin (B, T, head_dim) float32; mask (B, 1, T, T) bool -> (B, T, hidden)."""
+        b, t, _ = x.shape
+        kv, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).reshape(b, t, kv * g, d)
+        k = self.k_proj(x).reshape(b, t, kv, d)
+        v = self.v_proj(x).reshape(b, t, kv, d)
+        q = _apply_rotary(q, cos, sin).reshape(b, t, kv, g, d)  # head h = kv_head * g + j (HF repeat_kv)
+        k = _apply_rotary(k, cos, sin)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+        scores = jnp.where(mask[:, :, None, :, :], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32).astype(self.dtype)
+        return self.o_proj(out.reshape(b, t, kv * g * d))
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, param_dtype: DTypeLike, rngs: nnx.Rngs):
+        c = config
+        kw = dict(use_bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    """One pre-norm block; callable alone: ``layer(hidden (B,T,D), positions (B,T) int, attention_mask (B,T)|None)``."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype: DTypeLike, param_dtype: DTypeLike,
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.layer_idx = int(layer_idx)
+        self.sliding_window = (
+            config.sliding_window if config.layer_types[layer_idx] == SLIDING_ATTENTION else None
+        )
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.self_attn = LlamaAttention(config, rngs=rngs, **kw)
+        self.mlp = LlamaMLP(config, rngs=rngs, **kw)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+
+    def __call__(self, hidden: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """hidden (B, T, hidden) compute dtype; positions (B, T) int; attention_mask (B, T) 0/1 or None."""
+        b, t, _ = hidden.shape
+        cos, sin = rotary_cos_sin(self.config, positions)
+        mask = attention_mask_4d(attention_mask, b, t, self.sliding_window)
+        h = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, param_dtype: DTypeLike, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, rngs=rngs, **kw)
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(config, i, rngs=rngs, **kw) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        b, t = input_ids.shape
+        if positions is None:
+            positions = positions_from_mask(attention_mask, t, b)
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, positions, attention_mask)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Causal LM; `config.tie_word_embeddings` -> logits through ``model.embed_tokens`` (no ``lm_head``).
+
+    Args:
+      config: the model's ModelConfig.
+      dtype: compute dtype of activations (bfloat16 or float32); logits are float32 regardless.
+      param_dtype: storage dtype of the (randomly initialised) parameters.
+      rngs: nnx.Rngs for the random init (normal(0.02) weights, unit norms, zero biases).
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype: DTypeLike = jnp.float32,
+                 param_dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            config.hidden_size, config.vocab_size, dtype=dtype, param_dtype=param_dtype,
+            out_dtype=jnp.float32, rngs=rngs,
+        )
+
+    def _check_inputs(self, input_ids: jax.Array, attention_mask: jax.Array | None) -> None:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        t = input_ids.shape[1]
+        if t > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {t} exceeds the model's context (max_position_embeddings="
+                f"{self.config.max_position_embeddings})"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      positions: jax.Array | None = None) -> jax.Array:
+        """input_ids (B, T) int32 -> final-norm hidden states (B, T, hidden) in the compute dtype."""
+        self._check_inputs(input_ids, attention_mask)
+        return self.model(input_ids, attention_mask, positions)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden (..., hidden) -> float32 logits (..., vocab) (apply it to chunks of T to save memory)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """input_ids (B, T) int32, attention_mask (B, T) 0/1 or None -> logits (B, T, vocab) float32."""
+        return self.logits(self.hidden_states(input_ids, attention_mask, positions))
+
+
+def jit_forward(model: LlamaForCausalLM, method: str = "__call__") -> Callable[..., jax.Array]:
+    """A jitted ``fn(input_ids, attention_mask=None)`` calling `model.<method>` (split once; compiles per shape).
+
+    The returned function closes over the model's current parameters (a snapshot: later in-place changes to
+    `model` are not seen).
+    """
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+        return getattr(nnx.merge(graphdef, state), method)(input_ids, attention_mask)
+
+    def fn(input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        return run(state, input_ids, attention_mask)
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF state dict <-> model
+
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # non-persistent buffers some old checkpoints contain
+
+
+def _param_entries(model: nnx.Module) -> dict[str, tuple[nnx.Variable, bool]]:
+    """{HF tensor name: (Variable, transposed?)} for every parameter of a dense model."""
+    out: dict[str, tuple[nnx.Variable, bool]] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = ".".join(str(p) for p in path)
+        if path[-1] == "kernel":
+            out[name[: -len("kernel")] + "weight"] = (var, True)
+        else:
+            out[name] = (var, False)
+    return out
+
+
+def _abstract_model(config: ModelConfig, dtype: DTypeLike, param_dtype: DTypeLike) -> LlamaForCausalLM:
+    return nnx.eval_shape(
+        lambda: LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
+
+
+def model_from_state_dict(
+    config: ModelConfig,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    param_dtype: DTypeLike | None = None,
+    dtype: DTypeLike | None = None,
+) -> LlamaForCausalLM:
+    """Build a model from HF-named tensors in PyTorch layout (``weight`` (out, in)).
+
+    Args:
+      config: the ModelConfig.
+      tensors: {HF name: array}; numpy (bf16 via ml_dtypes) or anything np.asarray accepts.
+      param_dtype: cast every parameter to it; None keeps each tensor's own dtype (bit-for-bit).
+      dtype: compute dtype; None means the dtype of ``model.embed_tokens.weight`` after the cast.
+
+    A tied checkpoint may carry ``lm_head.weight`` only if it equals ``model.embed_tokens.weight``; rotary
+    ``inv_freq`` buffers are ignored. Anything else missing, unexpected or of the wrong shape raises
+    `StateDictError` naming the tensor.
+    """
+    emb = tensors.get("model.embed_tokens.weight")
+    if emb is None:
+        raise StateDictError("missing tensor 'model.embed_tokens.weight'")
+    pd = jnp.dtype(param_dtype) if param_dtype is not None else None
+    cd = jnp.dtype(dtype) if dtype is not None else (pd or jnp.dtype(np.asarray(emb).dtype))
+    model = _abstract_model(config, cd, pd or cd)
+    entries = _param_entries(model)
+
+    names = [n for n in tensors if not n.endswith(_IGNORED_SUFFIXES)]
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        if not np.array_equal(np.asarray(tensors["lm_head.weight"]), np.asarray(emb)):
+            raise StateDictError(
+                "unexpected tensor 'lm_head.weight': the config ties word embeddings (tie_word_embeddings=true) "
+                "but lm_head.weight differs from model.embed_tokens.weight"
+            )
+        names.remove("lm_head.weight")
+    unexpected = sorted(set(names) - set(entries))
+    missing = sorted(set(entries) - set(names))
+    if missing:
+        raise StateDictError(
+            f"missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f" for a {config.model_type} model"
+        )
+    if unexpected:
+        raise StateDictError(
+            f"unexpected tensor {unexpected[0]!r}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + f" for a {config.model_type} model"
+        )
+    for name, (var, transposed) in entries.items():
+        arr = np.asarray(tensors[name])
+        shape = tuple(var.get_value().shape)
+        expected = shape[::-1] if transposed else shape
+        if tuple(arr.shape) != expected:
+            raise StateDictError(
+                f"tensor {name!r} has shape {tuple(arr.shape)}, expected {expected}"
+            )
+        if transposed:
+            arr = arr.T
+        value = jnp.asarray(arr)
+        if pd is not None:
+            value = value.astype(pd)
+        var.set_value(value)
+    return model
+
+
+def model_to_state_dict(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
+    """HF-named tensors in PyTorch layout and the parameters' dtype (tied lm_head not written).
+
+    Linear-like modules contribute ``to_torch_tensors()`` under their module name (so quantized replacements
+    write their own tensors); every other parameter is written under its path.
+    """
+    out: dict[str, np.ndarray] = {}
+    linear_paths = set()
+    for path, m in nnx.iter_modules(model):
+        if isinstance(m, LinearLike):
+            prefix = ".".join(str(p) for p in path)
+            linear_paths.add(prefix)
+            for k, v in m.to_torch_tensors().items():
+                out[f"{prefix}.{k}"] = v
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if ".".join(str(p) for p in path[:-1]) in linear_paths:
+            continue
+        out[".".join(str(p) for p in path)] = np.asarray(var.get_value())
+    return out
