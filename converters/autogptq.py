@@ -17,8 +17,10 @@ true_sequential (bools), damp_percent (float), lm_head (bool), quant_method ("gp
 (model_name_or_path, model_file_base_name, meta, ...). `layers` maps a module prefix (e.g.
 "model.layers.0.self_attn.q_proj") to {"qweight", "qzeros", "scales", "g_idx"[, "bias"]} as stored.
 
-Safetensors are read and written with `safetensors.numpy` (bfloat16 through ml_dtypes); converters/hf.py did not
-exist when this was written, so the small directory reader below should be unified with it later.
+Safetensors files are read and written by converters/hf.py (`read_hf_checkpoint` for model.safetensors or a
+model.safetensors.index.json, `read_safetensors`/`write_safetensors` otherwise); this module adds AutoGPTQ's
+`model_file_base_name` lookup (e.g. TheBloke's gptq_model-4bit-128g.safetensors) and writes quantize_config.json
+inside the same atomic output directory.
 """
 
 from __future__ import annotations
@@ -33,9 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors
-import safetensors.numpy
 
+from converters import hf
 from converters.files import atomic_output_dir, check_output_dir
 from converters.packing import (
     CHECKPOINT_FORMATS,
@@ -280,11 +281,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _safetensors_files(d: Path, base_name: str | None) -> list[Path]:
-    """The safetensors files of a checkpoint: per the index if there is one, else the single weights file."""
-    bases = [b for b in (base_name, "model") if b]
-    for base in bases:
-        index = d / f"{base}.safetensors.index.json"
+def _read_weights(d: Path, base_name: str | None) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory: model.safetensors / model.safetensors.index.json through
+    converters/hf.py, else `<model_file_base_name>.safetensors[.index.json]`, else the single *.safetensors."""
+    if (d / hf.SAFE_INDEX).is_file() or (d / hf.SAFE_WEIGHTS).is_file():
+        return hf.read_hf_checkpoint(d)[1]
+    if base_name:
+        index = d / f"{base_name}.safetensors.index.json"
         if index.is_file():
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
@@ -293,19 +296,18 @@ def _safetensors_files(d: Path, base_name: str | None) -> list[Path]:
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise FileNotFoundError(f"{index} names shard(s) missing from {d}: {', '.join(missing)}")
-            return files
-    for base in bases:
-        if (d / f"{base}.safetensors").is_file():
-            return [d / f"{base}.safetensors"]
+            return _read_safetensors(files)
+        if (d / f"{base_name}.safetensors").is_file():
+            return _read_safetensors([d / f"{base_name}.safetensors"])
     found = sorted(d.glob("*.safetensors"))
     if len(found) == 1:
-        return found
+        return _read_safetensors(found)
     if found:
         raise ValueError(
             f"{d} holds several .safetensors files ({', '.join(f.name for f in found)}) but no index json; "
             "cannot tell which one is the model"
         )
-    others = [f.name for f in d.iterdir() if f.suffix in (".bin", ".pt", ".pth")]
+    others = sorted(f.name for f in d.iterdir() if f.suffix in (".bin", ".pt", ".pth"))
     hint = f" (found {', '.join(others)}: only safetensors checkpoints are supported)" if others else ""
     raise FileNotFoundError(f"no .safetensors weights in {d}{hint}")
 
@@ -313,11 +315,7 @@ def _safetensors_files(d: Path, base_name: str | None) -> list[Path]:
 def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for f in files:
-        try:
-            part = safetensors.numpy.load_file(str(f))
-        except Exception as e:  # the library raises several types for a bad header
-            raise ValueError(f"cannot read safetensors file {f}: {e}") from e
-        for name, arr in part.items():
+        for name, arr in hf.read_safetensors(f)[0].items():
             if name in tensors:
                 raise ValueError(f"tensor {name} appears in more than one shard (again in {f.name})")
             tensors[name] = arr
@@ -340,7 +338,7 @@ def read_gptq_checkpoint(
         raise FileNotFoundError(f"{d / 'config.json'} is missing")
     hf_config = _read_json(d / "config.json")
     base = quant_config.get("model_file_base_name")
-    tensors = _read_safetensors(_safetensors_files(d, base if isinstance(base, str) else None))
+    tensors = _read_weights(d, base if isinstance(base, str) else None)
     layers, other = split_gptq_tensors(tensors, quant_config)
     if not layers:
         raise ValueError(f"{d} has a quantization config but no '*.qweight' tensors")
@@ -358,18 +356,6 @@ def read_gptq_checkpoint(
 # ----------------------------------------------------------------------------------------------------------------
 # writing
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"max_shard_size={size!r}: use a positive byte count or a string such as '2GB' or '500MB'")
-    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
-
-
 def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -378,7 +364,7 @@ def _plan_shards(tensors: Mapping[str, np.ndarray], max_shard_size: int | str | 
     names = sorted(tensors, key=_natural_key)
     if max_shard_size is None:
         return [names]
-    limit = _parse_size(max_shard_size)
+    limit = hf.parse_size(max_shard_size)
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:
@@ -462,16 +448,16 @@ def write_gptq_checkpoint(
 
     with atomic_output_dir(out_dir, overwrite) as tmp:
         if len(shards) == 1:
-            safetensors.numpy.save_file({n: tensors[n] for n in shards[0]}, str(tmp / "model.safetensors"), metadata)
+            hf.write_safetensors(tmp / hf.SAFE_WEIGHTS, {n: tensors[n] for n in shards[0]}, metadata)
         else:
             weight_map = {}
             for i, names in enumerate(shards, 1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                safetensors.numpy.save_file({n: tensors[n] for n in names}, str(tmp / fname), metadata)
+                hf.write_safetensors(tmp / fname, {n: tensors[n] for n in names}, metadata)
                 weight_map.update(dict.fromkeys(names, fname))
             index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))}, "weight_map": weight_map}
-            _write_json(tmp / "model.safetensors.index.json", index)
-        _write_json(tmp / "config.json", config)
+            _write_json(tmp / hf.SAFE_INDEX, index)
+        _write_json(tmp / hf.CONFIG, config)
         _write_json(tmp / "quantize_config.json", qcfg)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -375,7 +375,7 @@ def test_bad_checkpoint_input_writes_nothing(tmp_path, mutate, exc, pattern):
 
 def test_bad_shard_size_and_tokenizer(tmp_path):
     layers, other, _ = make_model()
-    with pytest.raises(ValueError, match="max_shard_size='lots'"):
+    with pytest.raises(ValueError, match="max_shard_size 'lots'"):
         write_gptq_checkpoint(tmp_path / "c", HF_CONFIG, qcfg(), layers, other, max_shard_size="lots")
     with pytest.raises(TypeError, match="save_pretrained"):
         write_gptq_checkpoint(tmp_path / "c", HF_CONFIG, qcfg(), layers, other, tokenizer="gpt2")
@@ -397,7 +397,7 @@ def test_bad_checkpoint_directories(tmp_path):
 
     d = copy("missing_shard")
     (d / "model-00002-of-" f"{len(list(good.glob('*.safetensors'))):05d}.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="names shard"):
+    with pytest.raises(ValueError, match=r"missing file .*model-00002-of-.*listed in"):
         read_gptq_checkpoint(d)
 
     d = copy("orphan")
@@ -413,6 +413,18 @@ def test_bad_checkpoint_directories(tmp_path):
         f.unlink()
     (d / "pytorch_model.bin").write_bytes(b"\0")
     with pytest.raises(FileNotFoundError, match="only safetensors"):
+        read_gptq_checkpoint(d)
+
+    d = copy("two_files")
+    for f in d.glob("*.safetensors*"):
+        f.rename(d / f.name.replace("model-", "part-").replace("model.", "part."))
+    with pytest.raises(ValueError, match="several .safetensors files"):
+        read_gptq_checkpoint(d)
+
+    d = copy("truncated")
+    shard = d / "model-00001-of-" f"{len(list(good.glob('*.safetensors'))):05d}.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated"):
         read_gptq_checkpoint(d)
 
     d = copy("wrong_bits")
