@@ -399,7 +399,7 @@ def _spm_model(meta: dict[str, Any]) -> Any:
     return tk
 
 
-def gguf_tokenizer(source: str | os.PathLike | GGUFFile) -> Any:
+def load_gguf_tokenizer(source: str | os.PathLike | GGUFFile) -> Any:
     """A transformers fast tokenizer rebuilt from the GGUF's tokenizer.ggml.* metadata and chat template."""
     from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
