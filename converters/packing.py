@@ -139,15 +139,17 @@ def _pack_last(a: np.ndarray, bits: int) -> np.ndarray:
     """uint8 (..., L) with L % 32 == 0 -> uint32 (..., L*bits/32), LSB-first (section 1.3)."""
     lead, length = a.shape[:-1], a.shape[-1]
     if bits == 3:
-        blocks = a.reshape(*lead, length // 32, 32)
-        out = np.zeros((*lead, length // 32, 3), dtype=np.uint32)
-        for i in range(32):  # the 32 fields of one 96-bit block
-            v = blocks[..., i].astype(np.uint32)
-            word, shift = divmod(3 * i, 32)
-            out[..., word] |= v << np.uint32(shift)  # uint32 shift drops the bits that spill over
-            if shift > 29:  # value straddles two words: its high bits start the next word
-                out[..., word + 1] |= v >> np.uint32(32 - shift)
-        return out.reshape(*lead, length // 32 * 3)
+        # The 96-bit stream is little-endian, so its bytes are the words' bytes: every 8 values make 24 bits =
+        # 3 stream bytes (value j of the 8 at bits [3j, 3j+3)); 4 such byte triples are one 3-word block.
+        fields = a.reshape(*lead, length // 8, 8)
+        v = fields[..., 0].astype(np.uint32)
+        for j in range(1, 8):
+            v |= fields[..., j].astype(np.uint32) << np.uint32(3 * j)
+        byte_arr = np.empty((*lead, length // 8, 3), dtype=np.uint8)
+        byte_arr[..., 0] = v  # uint32 -> uint8 assignment keeps the low byte
+        byte_arr[..., 1] = v >> np.uint32(8)
+        byte_arr[..., 2] = v >> np.uint32(16)
+        return byte_arr.reshape(*lead, length // 8 * 3).view("<u4").astype(np.uint32, copy=False)
     # bits 2/4/8: build bytes (8/bits values per byte, LSB-first), then read 4 bytes as one little-endian word.
     per_byte = 8 // bits
     if per_byte == 1:
@@ -164,16 +166,17 @@ def _unpack_last(words: np.ndarray, bits: int) -> np.ndarray:
     """uint32 (..., W) -> uint8 (..., W*32/bits); inverse of `_pack_last`."""
     lead, nwords = words.shape[:-1], words.shape[-1]
     mask = np.uint8((1 << bits) - 1)
-    if bits == 3:
-        blocks = words.reshape(*lead, nwords // 3, 3)
-        out = np.empty((*lead, nwords // 3, 32), dtype=np.uint8)
-        for i in range(32):
-            word, shift = divmod(3 * i, 32)
-            v = blocks[..., word] >> np.uint32(shift)
-            if shift > 29:
-                v = v | (blocks[..., word + 1] << np.uint32(32 - shift))
-            out[..., i] = v.astype(np.uint8) & mask
-        return out.reshape(*lead, nwords // 3 * 32)
+    if bits == 3:  # inverse of the byte-triple packing above
+        triples = np.ascontiguousarray(words, dtype="<u4").view(np.uint8).reshape(*lead, nwords * 4 // 3, 3)
+        v = (
+            triples[..., 0].astype(np.uint32)
+            | (triples[..., 1].astype(np.uint32) << np.uint32(8))
+            | (triples[..., 2].astype(np.uint32) << np.uint32(16))
+        )
+        out = np.empty((*lead, nwords * 4 // 3, 8), dtype=np.uint8)
+        for j in range(8):
+            out[..., j] = (v >> np.uint32(3 * j)) & np.uint32(7)
+        return out.reshape(*lead, nwords * 32 // 3)
     byte_arr = np.ascontiguousarray(words, dtype="<u4").view(np.uint8)  # (..., 4W), little-endian byte order
     per_byte = 8 // bits
     if per_byte == 1:
