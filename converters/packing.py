@@ -347,8 +347,9 @@ def pack_gptq_layer(
             )
         qzeros = qzeros_v2_to_v1(qzeros, bits)
 
+    packed_t = _pack_last(np.ascontiguousarray(q), bits)  # (N, K*b/32): pack along K while it is the last axis
     out = {
-        "qweight": np.ascontiguousarray(_pack_last(np.ascontiguousarray(q), bits).T).view(np.int32),  # (N, K*b/32) -> (K*b/32, N)
+        "qweight": np.ascontiguousarray(packed_t.T).view(np.int32),  # (K*b/32, N)
         "qzeros": qzeros,
         "scales": np.ascontiguousarray(s16.T),
         "g_idx": g,

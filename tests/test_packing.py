@@ -262,6 +262,16 @@ def test_non_contiguous_and_float_integral_inputs():
     np.testing.assert_array_equal(pack_rows(codes.T, 4), pack_rows(codes.T.copy(), 4))
 
 
+def test_jax_arrays_accepted():
+    import jax.numpy as jnp
+
+    codes, scales, zeros, g_idx = make_layer(np.random.default_rng(2), 4, 32, sym=True)
+    a = pack_gptq_layer(codes, scales, zeros, g_idx, 4)
+    b = pack_gptq_layer(jnp.asarray(codes), jnp.asarray(scales), jnp.asarray(zeros, jnp.int32), jnp.asarray(g_idx), 4)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_unpack_trims_padding():
     codes = np.random.default_rng(0).integers(0, 16, size=(64, 32), dtype=np.uint8)
     np.testing.assert_array_equal(unpack_rows(pack_rows(codes, 4), 4, k=60), codes[:60])
