@@ -271,6 +271,24 @@ def test_write_read_round_trip(tmp_path, shard):
     assert other2["model.layers.0.input_layernorm.weight"].dtype == ml_dtypes.bfloat16
     assert "bias" in layers2["model.layers.1.self_attn.q_proj"] and "bias" not in layers2["model.layers.1.mlp.up_proj"]
 
+    # an independent reader: PyTorch safetensors + AutoGPTQ's shift-and-mask dequant (reference 1.2/1.3, v1 "+1")
+    import torch
+    from safetensors.torch import load_file
+
+    torch_tensors = {}
+    for f in out.glob("*.safetensors"):
+        torch_tensors.update(load_file(str(f)))
+    assert torch_tensors["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+    prefix = "model.layers.1.mlp.down_proj"
+    qw, qz = torch_tensors[f"{prefix}.qweight"], torch_tensors[f"{prefix}.qzeros"]
+    sc, g = torch_tensors[f"{prefix}.scales"], torch_tensors[f"{prefix}.g_idx"].long()
+    assert (qw.dtype, qz.dtype, sc.dtype, g.shape) == (torch.int32, torch.int32, torch.float16, (128,))
+    wf = torch.arange(0, 32, 4, dtype=torch.int32)
+    q = ((qw.unsqueeze(1) >> wf.view(1, -1, 1)) & 15).reshape(-1, qw.shape[1])  # (K, N)
+    z = (((qz.unsqueeze(2) >> wf.view(1, 1, -1)) & 15).reshape(qz.shape[0], -1) + 1)  # (G, N)
+    w = (sc.double()[g] * (q - z[g]).double()).T.numpy()
+    np.testing.assert_array_equal(w, refs[prefix])
+
 
 @pytest.mark.parametrize(
     "bits, group_size, sym, fmt", [(3, -1, False, "gptq_v2"), (2, 32, False, "gptq"), (8, 64, True, "gptq_v2")]
