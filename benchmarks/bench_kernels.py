@@ -1,0 +1,305 @@
+"""Benchmark the GPTQ Pallas kernels against fp16 dense (XLA jnp.dot, torch.matmul/cuBLAS) and XLA
+dequantize-then-dot, on one CUDA GPU.
+
+Method (every contender the same way): device time of R calls issued back to back, each call a distinct
+(x, weight) pair, rotating among C separate weight buffers whose total size is >= 256 MB (the H100's L2 is 50 MB,
+so weights come from HBM); a separate buffer per copy (indexing a stacked array makes XLA copy the slice).
+JAX: one jitted function performs the R calls; it is dispatched `outer` times without syncing in between (the
+host's dispatch overlaps the device work) and the wall time of the whole sequence, after a warm-up, divided by
+outer*R is the per-call time; the median of 3 such measurements is reported. torch: the same rotation between
+CUDA events.
+
+    python benchmarks/bench_kernels.py --sweep            # kernel variants on a few shapes (tuning)
+    python benchmarks/bench_kernels.py --full --out DIR   # the RESULTS.md table, JSON and plot
+
+Run on the GPU machine with XLA_PYTHON_CLIENT_PREALLOCATE=false (torch shares the GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels import gptq_layout as L  # noqa: E402
+from pallas_kernels import gptq_matmul as G  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 2048]
+MIN_BYTES = 256 << 20
+
+
+def random_autogptq(key, bits: int, k: int, n: int, group: int, act: bool, sym: bool):
+    """Random AutoGPTQ tensors (v2 zero points): random words are uniformly random codes."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    g = k if group == -1 else group
+    ng = -(-k // g)
+    qweight = jax.lax.bitcast_convert_type(jax.random.bits(k1, (k * bits // 32, n), jnp.uint32), jnp.int32)
+    if sym:
+        z = np.full((ng, n), 1 << (bits - 1), np.uint32)
+    else:
+        z = np.asarray(jax.random.randint(k2, (ng, n), 0, 1 << bits)).astype(np.uint32)
+    # pack zeros along N (AutoGPTQ order, reference 1.3) with numpy: small
+    if bits == 3:
+        zz = z.reshape(ng, n // 32, 32)
+        words = np.zeros((ng, n // 32, 3), np.uint32)
+        for i in range(32):
+            wi, sh = divmod(3 * i, 32)
+            words[..., wi] |= (zz[..., i] << np.uint32(sh)) & np.uint32(0xFFFFFFFF)
+            if sh > 29:
+                words[..., wi + 1] |= zz[..., i] >> np.uint32(32 - sh)
+        qzeros = words.reshape(ng, n * 3 // 32)
+    else:
+        per = 32 // bits
+        zz = z.reshape(ng, n // per, per)
+        qzeros = np.zeros((ng, n // per), np.uint32)
+        for j in range(per):
+            qzeros |= zz[..., j] << np.uint32(bits * j)
+    qzeros = qzeros.view(np.int32)
+    scales = (jax.random.uniform(k3, (ng, n), jnp.float32, 0.5, 1.5) * 0.02).astype(jnp.float16)
+    gidx = np.arange(k) // g
+    if act:
+        gidx = gidx[np.asarray(jax.random.permutation(k4, k))]
+    return qweight, jnp.asarray(qzeros), scales, jnp.asarray(gidx, jnp.int32)
+
+
+def make_weight(key, bits, k, n, group=128, act=False, sym=True):
+    qw, qz, s, gi = random_autogptq(key, bits, k, n, group, act, sym)
+    return L.prepare(qw, qz, s, gi, bits=bits, checkpoint_format="gptq_v2")
+
+
+def copies_of(tree, c: int):
+    """c separate device buffers holding the same pytree."""
+    return [jax.tree.map(lambda a: jnp.array(a, copy=True), tree) for _ in range(c)]
+
+
+def nbytes(tree) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def jax_time(fn, ws, xs, reps: int, outer: int = 4, trials: int = 3) -> float:
+    """Seconds per call of fn(x, w), calls r = 0..reps-1 on (xs[r // len(ws)], ws[r % len(ws)])."""
+    c = len(ws)
+
+    @jax.jit
+    def run(ws, xs):
+        return [fn(xs[r // c], ws[r % c]) for r in range(reps)]
+
+    out = run(ws, xs)
+    jax.block_until_ready(out)
+    del out
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        outs = [run(ws, xs) for _ in range(outer)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - t0) / (outer * reps))
+        del outs
+    return float(np.median(times))
+
+
+def torch_time(ws, x, reps: int, trials: int = 3) -> float:
+    import torch
+
+    c = len(ws)
+    for r in range(c):
+        torch.matmul(x, ws[r])
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for r in range(reps):
+            torch.matmul(x, ws[r % c])
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e-3 / reps)
+    return float(np.median(times))
+
+
+def copy_bandwidth() -> dict:
+    """Device-to-device copy bandwidth (bytes read + written per second): torch copy_ and a jitted JAX copy."""
+    import torch
+
+    nb = 2 << 30
+    a = torch.empty(nb // 2, dtype=torch.float16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(10):
+        b.copy_(a)
+    e1.record()
+    torch.cuda.synchronize()
+    t_torch = e0.elapsed_time(e1) * 1e-3 / 10
+    del a, b
+    torch.cuda.empty_cache()
+    xj = jax.random.normal(jax.random.key(0), (nb // 2,), jnp.float16)
+    f = jax.jit(lambda v: v * jnp.float16(1.0001))
+    jax.block_until_ready(f(xj))
+    t0 = time.perf_counter()
+    outs = [f(xj) for _ in range(10)]
+    jax.block_until_ready(outs)
+    t_jax = (time.perf_counter() - t0) / 10
+    del outs, xj
+    return {"torch_copy_TBps": 2 * nb / t_torch / 1e12, "jax_copy_TBps": 2 * nb / t_jax / 1e12}
+
+
+def rotation(bytes_per_copy: int, m: int, k: int, t_guess: float = 20e-6) -> tuple[int, int]:
+    c = max(2, min(64, math.ceil(MIN_BYTES / bytes_per_copy)))
+    reps = max(2 * c, min(400, int(3e-3 / t_guess)))
+    reps = math.ceil(reps / c) * c
+    return c, reps
+
+
+def kernel_fn(cfg: G.KernelConfig | None, out_dtype=None):
+    if cfg is None:  # dequantize, then XLA dot
+        return lambda x, w: G.reference(x, w, dense_dtype=x.dtype, out_dtype=out_dtype)
+    return lambda x, w: G.gptq_matmul(x, w, config=cfg)
+
+
+def split_for(w: L.GPTQWeight, cfg: G.KernelConfig, m: int, programs: int) -> G.KernelConfig:
+    import dataclasses
+
+    tiles = (w.n_pad // cfg.block_n) * (-(-m // cfg.block_m))
+    s = max(1, min(w.num_steps, round(programs / tiles)))
+    return dataclasses.replace(cfg, split_k=s)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_correct(w, cfg, m, dtype=jnp.float16, seed=0):
+    x = jax.random.normal(jax.random.key(seed), (m, w.in_features), dtype)
+    y = G.gptq_matmul(x, w, config=cfg, poison=True, interpret=jax.default_backend() != "gpu").astype(jnp.float32)
+    r = G.reference(x, w).astype(jnp.float32)
+    return float(jnp.max(jnp.abs(y - r)) / jnp.max(jnp.abs(r))), bool(jnp.isnan(y).any())
+
+
+def sweep(args):
+    import itertools
+
+    print("devices", jax.devices(), "jax", jax.__version__, flush=True)
+    bw = copy_bandwidth()
+    print("copy bandwidth", bw, flush=True)
+    key = jax.random.key(0)
+    import torch
+
+    rows = []
+    for (k, n) in [(8192, 28672), (4096, 11008), (11008, 4096)]:
+        w = make_weight(key, 4, k, n, 128)
+        wb = nbytes(w)
+        dense_bytes = k * n * 2
+        cd = max(2, math.ceil(MIN_BYTES / dense_bytes))
+        ws_d = [jax.random.normal(jax.random.key(i), (k, n), jnp.float16) for i in range(cd)]
+        tws = [torch.randn(k, n, dtype=torch.float16, device="cuda") for _ in range(cd)]
+        c, _ = rotation(wb, 1, k)
+        wq = copies_of(w, c)
+        for m in args.ms:
+            xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float16) for i in range(8)]
+            reps_d = 4 * cd
+            t_xla = jax_time(lambda x, ww: x @ ww, ws_d, xs, reps_d)
+            t_torch = torch_time(tws, torch.randn(m, k, dtype=torch.float16, device="cuda"), reps_d)
+            best = min(t_xla, t_torch)
+            print(f"\n== K={k} N={n} M={m}: fp16 xla {t_xla*1e6:.1f} us, torch {t_torch*1e6:.1f} us; "
+                  f"q4 bytes {wb/1e6:.1f} MB (C={c})", flush=True)
+            reps = max(2 * c, math.ceil(2e-3 / (best / 3.5) / c) * c)
+            reps = min(reps, 8 * c)
+            variants = []
+            if m <= 4:
+                for conv, bn, nw, prog in itertools.product(("pos", "shift"), (128, 256), (4, 8), (264, 528)):
+                    variants.append(G.KernelConfig(mode="fma", block_m=m, block_n=bn, num_warps=nw, num_stages=3,
+                                                   convert=conv, split_k=prog))
+            for conv, bn, nw, ns in itertools.product(("magic", "magic16", "cvt"), (64, 128, 256), (4, 8), (3,)):
+                if (bn == 64 and nw == 8) or (m == 1 and (nw == 8 or (bn == 64 and conv != "magic"))):
+                    continue
+                if m > 1 and k == 11008:
+                    continue
+                variants.append(G.KernelConfig(mode="dot", block_m=16 if m <= 16 else 32, block_n=bn, num_warps=nw,
+                                               num_stages=ns, convert=conv, split_k=264))
+            for v in variants:
+                cfg = split_for(w, v, m, v.split_k)
+                try:
+                    err, nan = check_correct(w, cfg, m)
+                    t = jax_time(kernel_fn(cfg), wq, xs, reps)
+                except Exception as e:  # report and continue the sweep
+                    print(f"  {cfg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                    continue
+                gbs = wb / t / 1e12
+                print(f"  {cfg.mode:3s} {cfg.convert:7s} bm={cfg.block_m:2d} bn={cfg.block_n:3d} w={cfg.num_warps} "
+                      f"st={cfg.num_stages} S={cfg.split_k:3d}: {t*1e6:7.1f} us  {gbs:.2f} TB/s  "
+                      f"x{best/t:.2f}  err={err:.1e}{' NAN' if nan else ''}", flush=True)
+                rows.append(dict(k=k, n=n, m=m, cfg=str(cfg), t=t, speedup=best / t, err=err))
+        del ws_d, tws, wq
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "sweep.json").write_text(json.dumps(dict(bw=bw, rows=rows), indent=1))
+
+
+def smoke():
+    """Correctness of many static variants on small shapes (compiled, vs the XLA reference)."""
+    print("devices", jax.devices(), "jax", jax.__version__, flush=True)
+    try:
+        import jax.experimental.pallas.mosaic_gpu as plmgpu  # noqa: F401
+
+        print("mosaic gpu import ok", flush=True)
+    except Exception as e:  # informational
+        print("mosaic gpu import failed:", e, flush=True)
+    key = jax.random.key(1)
+    fails = 0
+    cases = [
+        (4, 128, True, False), (4, 32, False, True), (3, 64, False, True), (3, -1, True, False),
+        (2, 128, False, False), (2, 32, True, True), (8, 128, True, True), (8, -1, False, False),
+    ]
+    for bits, group, sym, act in cases:
+        w = make_weight(key, bits, 1536, 384, group, act, sym)
+        for cfg, m, dt in [
+            (G.KernelConfig(mode="fma", block_m=1, convert="pos", split_k=3), 1, jnp.float16),
+            (G.KernelConfig(mode="fma", block_m=2, convert="shift", split_k=1), 3, jnp.bfloat16),
+            (G.KernelConfig(mode="dot", block_m=16, convert="magic", split_k=2), 3, jnp.float16),
+            (G.KernelConfig(mode="dot", block_m=16, convert="magic16", block_n=64), 16, jnp.float16),
+            (G.KernelConfig(mode="dot", block_m=32, convert="cvt", block_n=128, split_k=4), 40, jnp.bfloat16),
+        ]:
+            try:
+                err, nan = check_correct(w, cfg, m, dt)
+            except Exception as e:
+                print(f"  bits={bits} g={group} sym={sym} act={act} {cfg}: FAILED {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:300]}", flush=True)
+                fails += 1
+                continue
+            tol = 1e-2 if dt == jnp.float16 else 2e-2
+            ok = err < tol and not nan
+            fails += not ok
+            print(f"  bits={bits} g={group} sym={sym} act={act} {cfg.mode} {cfg.convert} m={m} {dt.__name__}: "
+                  f"err={err:.2e} {'ok' if ok else 'BAD'}", flush=True)
+    print("smoke failures:", fails, flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--ms", type=int, nargs="*", default=[1, 16])
+    p.add_argument("--out", default=os.environ.get("OUT"))
+    args = p.parse_args()
+    if args.smoke:
+        smoke()
+    if args.sweep:
+        sweep(args)
+
+
+if __name__ == "__main__":
+    main()

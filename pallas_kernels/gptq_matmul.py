@@ -1,0 +1,455 @@
+"""y = x @ dequant(W) (+ bias) for a GPTQ weight in the kernel layout: the Pallas kernel, its XLA reference, and
+the wrapper, side by side.
+
+The kernel (Pallas, Triton lowering) streams the packed weight once. Grid = (N tiles, M tiles, K splits); each
+program walks its share of the K steps (any split of any number of steps: program s takes steps
+[s*T//S, (s+1)*T//S), so K = 11008 = 86 steps of 128 splits evenly into any S) and, per step, unpacks each bit
+field of the loaded int32 tile into a contiguous run of rows (gptq_layout's repacking) and multiplies it with the
+matching slice of x. Scales and zero points are applied once per group and step, after the products:
+
+    sum_k x[m,k] * s[g,n] * (q[k,n] - z[g,n]) = s[g,n] * (sum_k x[m,k] q[k,n] - z[g,n] * sum_k x[m,k])
+
+so the per-weight work is only "extract the code, make it a float, multiply-add". Two modes:
+
+* "dot": the codes become fp16/bf16 values (exact: codes < 256) and go through tensor-core dots with fp32
+  accumulation (`jnp.dot(..., preferred_element_type=float32)` -> tl.dot). Good from M = 1 (rows padded to the
+  16-row minimum tile) to large M.
+* "fma": for a handful of rows (decode). Codes become fp32 through the 2^23 magic-number trick (OR the code into
+  the mantissa of 8388608.0 and subtract: no int->float conversion instruction) and are multiply-added in fp32;
+  the row reduction happens once at the end.
+
+With split K > 1 the programs write fp32 partial sums (S, M, N) and XLA adds them (fused with the bias and the
+cast); with S = 1 the kernel writes the output directly.
+
+`reference` is the plain XLA path (dequantize to a dense matrix, then one dot), used on CPU and in tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.gptq_layout import STEP_ROWS, SUB_ROWS, GPTQWeight, dequantize, zero_point
+
+__all__ = ["KernelConfig", "gptq_matmul", "reference", "compiler_params"]
+
+_MAGIC_I32 = 0x4B000000  # bit pattern of 8388608.0 = 2^23 (float32 with mantissa ulp 1)
+_MAGIC_F32 = 8388608.0
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Static kernel configuration.
+
+    mode: "dot" (tensor cores) or "fma" (fp32 multiply-add, few rows).
+    block_m: rows per program ("dot": >= 16, a power of two; "fma": 1..8).
+    block_n: output columns per program (power of two, >= 16; must divide the padded N).
+    split_k: number of K splits (clamped to the number of steps).
+    num_warps, num_stages: Triton launch parameters.
+    convert: how codes become floats. "dot": "cvt" (int->float conversion), "magic" (2^23 trick in fp32, then
+      cast), "magic16" (fp16 0x6400 trick; bf16 uses "magic"). "fma": "shift" (shift field to bit 0, 2^23
+      trick) or "pos" (no shift for fields inside the fp32 mantissa: the code keeps its bit position, and x is
+      pre-scaled by the matching power of two).
+    """
+
+    mode: Literal["dot", "fma"] = "dot"
+    block_m: int = 16
+    block_n: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    convert: str = "magic"
+
+    def __post_init__(self):
+        if self.mode not in ("dot", "fma"):
+            raise ValueError(f"mode={self.mode!r}: use 'dot' or 'fma'")
+        if self.mode == "dot" and (self.block_m < 16 or self.block_m & (self.block_m - 1)):
+            raise ValueError(f"dot mode needs block_m a power of two >= 16, got {self.block_m}")
+        if self.mode == "fma" and not 1 <= self.block_m <= 8:
+            raise ValueError(f"fma mode needs 1 <= block_m <= 8, got {self.block_m}")
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+        ok = ("cvt", "magic", "magic16") if self.mode == "dot" else ("shift", "pos")
+        if self.convert not in ok:
+            raise ValueError(f"convert={self.convert!r} is not valid for mode {self.mode!r}: use one of {ok}")
+
+
+def compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler parameters; the class is `CompilerParams` in JAX >= 0.7, `TritonCompilerParams` before."""
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    bits: int
+    group_size: int
+    m: int  # true rows of x
+    k: int  # true K (x columns beyond it are masked)
+    n: int  # true N (output columns beyond it are not written)
+    steps: int  # K steps in the layout
+    splits: int
+    has_zeros: bool
+    has_bias: bool
+    partial: bool  # write fp32 partial sums (S, M, N)
+    mask_k: bool
+    mask_m: bool
+    mask_n: bool
+    cfg: KernelConfig
+
+
+def _subchunks(bits: int) -> list[tuple[int, int, int, int]]:
+    """For one step: (row offset, plane, field bit position, plane-row offset) of each SUB-row run of codes.
+
+    Field j of plane p, loaded as the word rows [plane-row offset, + SUB) of the step's tile, holds the rows
+    [row offset, + SUB) of the step (gptq_layout docstring).
+    """
+    sub = SUB_ROWS[bits]
+    if bits == 3:
+        return [(c * 16, 0, 2 * (c // 2), 16 * (c % 2)) for c in range(32)]  # + hi plane field c (see _codes)
+    return [(j * sub, 0, bits * j, 0) for j in range(32 // bits)]
+
+
+def _groups_in_step(st: _Static, t) -> list[tuple[object, list[int]]]:
+    """[(group index (traced or int), [sub-chunk indices])] for step t."""
+    bits = st.bits
+    step, sub = STEP_ROWS[bits], SUB_ROWS[bits]
+    nsub = step // sub
+    g = st.group_size
+    if g == -1:
+        return [(0, list(range(nsub)))]
+    if g >= step:
+        return [(t // (g // step), list(range(nsub)))]
+    per = g // sub
+    return [(t * (step // g) + i, list(range(i * per, (i + 1) * per))) for i in range(step // g)]
+
+
+def _field_bits(words: jax.Array, pos: int, width: int) -> jax.Array:
+    """int32 code of the field at bit `pos` (arithmetic shift is fine: the mask drops the sign copies)."""
+    v = words if pos == 0 else jax.lax.shift_right_logical(words, jnp.int32(pos))
+    return v & ((1 << width) - 1) if pos + width < 32 else v
+
+
+def _code_int(st: _Static, tiles, j: int) -> jax.Array:
+    """int32 codes (SUB, BN) of sub-chunk j of the loaded tiles."""
+    if st.bits == 3:
+        _, _, pos, off = _subchunks(3)[j]
+        lo = tiles[0][off // 16]
+        hi = tiles[1][0]
+        return _field_bits(lo, pos, 2) | (_field_bits(hi, j, 1) << 2)
+    _, _, pos, _ = _subchunks(st.bits)[j]
+    return _field_bits(tiles[0][0], pos, st.bits)
+
+
+def _magic_f32(code_bits: jax.Array) -> jax.Array:
+    """Exact float32 of a non-negative int32 < 2^23 (its bits OR-ed into the mantissa of 2^23, minus 2^23)."""
+    return jax.lax.bitcast_convert_type(code_bits | _MAGIC_I32, jnp.float32) - _MAGIC_F32
+
+
+def _code_dot(st: _Static, tiles, j: int, dtype) -> jax.Array:
+    """Codes of sub-chunk j as `dtype` (fp16/bf16) for a tensor-core dot."""
+    conv = st.cfg.convert
+    c = _code_int(st, tiles, j)
+    if conv == "cvt":
+        return c.astype(dtype)
+    if conv == "magic16" and dtype == jnp.float16:
+        h = jax.lax.bitcast_convert_type((c | 0x6400).astype(jnp.int16), jnp.float16)  # 1024 + code, exact
+        return h - jnp.float16(1024.0)
+    return _magic_f32(c).astype(dtype)
+
+
+def _code_fma(st: _Static, tiles, j: int) -> tuple[jax.Array, float]:
+    """(float32 tile equal to code * 2^p, 2^-p) for sub-chunk j (p = 0 unless convert == "pos")."""
+    if st.cfg.convert == "shift" or st.bits == 3:
+        return _magic_f32(_code_int(st, tiles, j)), 1.0
+    _, _, pos, _ = _subchunks(st.bits)[j]
+    w = tiles[0][0]
+    b = st.bits
+    mask = (1 << b) - 1
+    # fields whose bits lie inside the 23-bit mantissa keep their position; the rest come from one shifted word
+    first_out = (23 - b) // b + 1  # first field index that does not fit
+    if pos // b < first_out:
+        return _magic_f32(w & (mask << pos)), 2.0 ** (-pos)
+    base = first_out * b
+    p2 = pos - base
+    v = jax.lax.shift_right_logical(w, jnp.int32(base))
+    return _magic_f32(v & (mask << p2)), 2.0 ** (-p2)
+
+
+def _kernel(*refs, st: _Static):
+    cfg = st.cfg
+    bits = st.bits
+    step, sub = STEP_ROWS[bits], SUB_ROWS[bits]
+    nplanes = 2 if bits == 3 else 1
+    x_ref, *rest = refs
+    plane_refs, rest = rest[:nplanes], rest[nplanes:]
+    s_ref, rest = rest[0], rest[1:]
+    z_ref = None
+    if st.has_zeros:
+        z_ref, rest = rest[0], rest[1:]
+    b_ref = None
+    if st.has_bias:
+        b_ref, rest = rest[0], rest[1:]
+    o_ref = rest[-1]  # an aliased poison input (tests) may sit before it
+
+    bm, bn = cfg.block_m, cfg.block_n
+    pid_n, pid_m, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n0 = pl.multiple_of(pid_n * bn, bn)
+    m0 = pid_m * bm
+    t_lo = pid_s * st.steps // st.splits
+    t_hi = (pid_s + 1) * st.steps // st.splits
+    cols = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
+    zconst = zero_point(bits)
+
+    # rows of each plane tile per step (bits 3: lo plane as two 16-row halves, hi plane 16 rows)
+    if bits == 3:
+        plane_rows = [(32, (0, 16), 16), (16, (0,), 16)]  # (word rows per step, tile offsets, tile rows)
+    else:
+        plane_rows = [(sub, (0,), sub)]
+
+    def load_tiles(t):
+        tiles = []
+        for p_ref, (rows, offs, trows) in zip(plane_refs, plane_rows):
+            base = t * rows
+            tiles.append([p_ref[pl.ds(base + o, trows), pl.ds(n0, bn)] for o in offs])
+        return tiles
+
+    def load_scale_zero(g):
+        s = s_ref[g, pl.ds(n0, bn)].astype(jnp.float32)
+        z = z_ref[g, pl.ds(n0, bn)].astype(jnp.float32) if st.has_zeros else zconst
+        return s, z
+
+    if cfg.mode == "dot":
+        rows_m = m0 + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
+
+        def load_x(kk):
+            idx = (pl.ds(m0, bm), pl.ds(kk, sub))
+            if not (st.mask_m or st.mask_k):
+                return x_ref[idx]
+            mask = jnp.ones((bm, sub), jnp.bool_)
+            if st.mask_m:
+                mask = mask & (rows_m < st.m)[:, None]
+            if st.mask_k:
+                mask = mask & ((kk + jax.lax.broadcasted_iota(jnp.int32, (sub,), 0)) < st.k)[None, :]
+            return plgpu.load(x_ref.at[idx], mask=mask, other=0)
+
+        def body(t, acc):
+            tiles = load_tiles(t)
+            for g, js in _groups_in_step(st, t):
+                p = jnp.zeros((bm, bn), jnp.float32)
+                xs = jnp.zeros((bm,), jnp.float32)
+                for j in js:
+                    xj = load_x(t * step + _subchunks(bits)[j][0])
+                    cj = _code_dot(st, tiles, j, xj.dtype)
+                    p = p + jnp.dot(xj, cj, preferred_element_type=jnp.float32)
+                    xs = xs + jnp.sum(xj.astype(jnp.float32), axis=1)
+                s, z = load_scale_zero(g)
+                zx = xs[:, None] * (z[None, :] if st.has_zeros else z)
+                acc = acc + s[None, :] * (p - zx)
+            return acc
+
+        acc = jax.lax.fori_loop(t_lo, t_hi, body, jnp.zeros((bm, bn), jnp.float32))
+        out_rows = [(acc, None)]
+    else:
+        # fma: one (SUB, BN) fp32 accumulator per row; the per-row-position factorisation
+        #   acc[r, n] += s[n] * (sum_j x[j*SUB + r] q[j*SUB + r, n] - z[n] * sum_j x[j*SUB + r])
+        # needs no reduction inside the loop.
+        def load_xrow(m, kk):
+            idx = (m, pl.ds(kk, sub))
+            if not (st.mask_m or st.mask_k):
+                return x_ref[idx].astype(jnp.float32)
+            mask = jnp.ones((sub,), jnp.bool_)
+            if st.mask_m:
+                mask = mask & (m < st.m)
+            if st.mask_k:
+                mask = mask & ((kk + jax.lax.broadcasted_iota(jnp.int32, (sub,), 0)) < st.k)
+            return plgpu.load(x_ref.at[idx], mask=mask, other=0).astype(jnp.float32)
+
+        def body(t, accs):
+            tiles = load_tiles(t)
+            accs = list(accs)
+            for g, js in _groups_in_step(st, t):
+                codes = [_code_fma(st, tiles, j) for j in js]
+                s, z = load_scale_zero(g)
+                for i in range(bm):
+                    tsum = jnp.zeros((sub, bn), jnp.float32)
+                    xs = jnp.zeros((sub,), jnp.float32)
+                    for j, (cj, f) in zip(js, codes):
+                        xj = load_xrow(m0 + i, t * step + _subchunks(bits)[j][0])
+                        xs = xs + xj
+                        tsum = tsum + (xj * f)[:, None] * cj if f != 1.0 else tsum + xj[:, None] * cj
+                    zx = xs[:, None] * (z[None, :] if st.has_zeros else z)
+                    accs[i] = accs[i] + s[None, :] * (tsum - zx)
+            return tuple(accs)
+
+        init = tuple(jnp.zeros((sub, bn), jnp.float32) for _ in range(bm))
+        accs = jax.lax.fori_loop(t_lo, t_hi, body, init)
+        out_rows = [(jnp.sum(a, axis=0), i) for i, a in enumerate(accs)]
+
+    # epilogue: bias (S = 1 only), cast, masked store
+    for val, row in out_rows:
+        if st.has_bias:
+            bias = b_ref[pl.ds(n0, bn)].astype(jnp.float32)
+            val = val + (bias[None, :] if row is None else bias)
+        val = val.astype(o_ref.dtype)
+        if row is None:
+            idx = (pl.ds(m0, bm), pl.ds(n0, bn))
+            mask = None
+            if st.mask_m or st.mask_n:
+                mask = jnp.ones((bm, bn), jnp.bool_)
+                if st.mask_m:
+                    mask = mask & (rows_m < st.m)[:, None]
+                if st.mask_n:
+                    mask = mask & (cols < st.n)[None, :]
+        else:
+            idx = (m0 + row, pl.ds(n0, bn))
+            mask = None
+            if st.mask_m or st.mask_n:
+                mask = jnp.ones((bn,), jnp.bool_)
+                if st.mask_m:
+                    mask = mask & (m0 + row < st.m)
+                if st.mask_n:
+                    mask = mask & (cols < st.n)
+        if st.partial:
+            idx = (pid_s, *idx)
+        if mask is None:
+            o_ref[idx] = val
+        else:
+            plgpu.store(o_ref.at[idx], val, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# wrapper
+
+
+def gptq_matmul(
+    x: jax.Array,
+    w: GPTQWeight,
+    bias: jax.Array | None = None,
+    *,
+    config: KernelConfig = KernelConfig(),
+    interpret: bool = False,
+    out_dtype=None,
+    poison: bool = False,
+) -> jax.Array:
+    """Pallas kernel: x (M, K) fp16/bf16 -> x @ dequant(w) + bias, (M, N) in out_dtype (default x.dtype).
+
+    interpret=True runs the kernel in Pallas' interpreter (CPU tests); arrays are then padded to whole blocks so
+    the interpreter never slices out of bounds, while the kernel's masks still use the true M, K and N.
+    poison=True pre-fills the kernel's output buffer with NaN (aliased input), so a tile the kernel fails to
+    write shows up in the result (tests).
+    """
+    if x.ndim != 2 or x.shape[1] != w.in_features:
+        raise ValueError(f"x must have shape (M, K={w.in_features}), got {x.shape}")
+    if x.dtype not in (jnp.float16, jnp.bfloat16):
+        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
+    cfg = config
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    m, k = x.shape
+    n, kp, np_ = w.out_features, w.k_pad, w.n_pad
+    bm, bn = cfg.block_m, cfg.block_n
+    if np_ % bn:
+        raise ValueError(f"block_n={bn} does not divide the padded N={np_}")
+    steps = w.num_steps
+    splits = max(1, min(cfg.split_k, steps))
+    partial = splits > 1
+
+    if w.perm is not None:  # act-order: kernel row i is feature perm[i]; the gather and the K pad fuse
+        x = jnp.take(x, w.perm, axis=1)
+        x = jnp.pad(x, ((0, 0), (0, kp - k)))
+        k_eff = kp
+    else:
+        k_eff = k
+    m_tiles = -(-m // bm)
+    mp = m_tiles * bm
+    if interpret:  # whole blocks for the interpreter
+        x = jnp.pad(x, ((0, mp - m), (0, kp - x.shape[1])))
+        out_m, out_n = mp, np_
+    else:
+        out_m, out_n = m, n
+
+    st = _Static(
+        bits=w.bits,
+        group_size=w.group_size,
+        m=m,
+        k=k_eff,
+        n=n,
+        steps=steps,
+        splits=splits,
+        has_zeros=w.zeros is not None,
+        has_bias=bias is not None and not partial,
+        partial=partial,
+        mask_k=k_eff != kp,
+        mask_m=m % bm != 0,
+        mask_n=n != np_,
+        cfg=cfg,
+    )
+    args = [x, *w.planes, w.scales]
+    if st.has_zeros:
+        args.append(w.zeros)
+    if st.has_bias:
+        args.append(jnp.pad(jnp.asarray(bias), (0, np_ - n)))
+    if partial:
+        out_shape = jax.ShapeDtypeStruct((splits, out_m, out_n), jnp.float32)
+    else:
+        out_shape = jax.ShapeDtypeStruct((out_m, out_n), out_dtype)
+    aliases = {}
+    if poison:
+        aliases = {len(args): 0}
+        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
+
+    call = pl.pallas_call(
+        functools.partial(_kernel, st=st),
+        out_shape=out_shape,
+        grid=(np_ // bn, m_tiles, splits),
+        input_output_aliases=aliases,
+        compiler_params=None if interpret else compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=interpret,
+        name=f"gptq{w.bits}_{cfg.mode}",
+    )
+    out = call(*args)
+    if partial:
+        y = jnp.sum(out, axis=0)[:m, :n]
+        if bias is not None:
+            y = y + jnp.asarray(bias).astype(jnp.float32)
+        return y.astype(out_dtype)
+    return out[:m, :n]
+
+
+def reference(
+    x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None, *, out_dtype=None, dense_dtype=None
+) -> jax.Array:
+    """XLA reference: x (M, K) -> x @ dequant(w) + bias (M, N) with fp32 accumulation, in out_dtype (default x's).
+
+    dense_dtype: dtype of the materialised dense weight (default float32; x.dtype is the "dequantize, then
+    XLA dot" path whose dot runs in x's dtype with fp32 accumulation).
+    """
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    k, n, kp = w.in_features, w.out_features, w.k_pad
+    if x.shape[-1] != k:
+        raise ValueError(f"x must have last dimension K={k}, got {x.shape}")
+    if w.perm is not None:
+        x = jnp.take(x, w.perm, axis=-1)
+    dense = dequantize(w)[:k, :n]
+    if dense_dtype is not None:
+        dense = dense.astype(dense_dtype)
+        xin = x.astype(dense_dtype)
+    else:
+        xin = x.astype(jnp.float32)
+    precision = jax.lax.Precision.HIGHEST if dense_dtype is None else None
+    y = jnp.dot(xin, dense, preferred_element_type=jnp.float32, precision=precision)
+    if bias is not None:
+        y = y + jnp.asarray(bias).astype(jnp.float32)
+    return y.astype(out_dtype)
