@@ -387,7 +387,8 @@ def model_to_state_dict(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
             for k, v in m.to_torch_tensors().items():
                 out[f"{prefix}.{k}"] = v
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if ".".join(str(p) for p in path[:-1]) in linear_paths:
-            continue
-        out[".".join(str(p) for p in path)] = np.asarray(var.get_value())
+        names = [str(p) for p in path]
+        if any(".".join(names[:i]) in linear_paths for i in range(1, len(names))):
+            continue  # written by its linear-like module above
+        out[".".join(names)] = np.asarray(var.get_value())
     return out
