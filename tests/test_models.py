@@ -414,6 +414,23 @@ def test_config_round_trips_hf_dicts(stories, smollm2_hf):
         fresh.to_hf()).hf_json)
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    {"rope_theta": 20000.0, "rope_scaling": {"type": "linear", "factor": 4.0}},
+    {"rope_scaling": {"type": "yarn", "factor": 2.0}},
+    {"rope_theta": 1234.0},
+])
+def test_legacy_rope_keys_mean_what_transformers_makes_of_them(rope):
+    """transformers-4 style rope_theta/rope_scaling parse like transformers 5's standardised rope_parameters."""
+    legacy = {**_RANDOM_BASE, "model_type": "llama", **rope}
+    standardised = json.loads(transformers.AutoConfig.for_model(**legacy).to_json_string())
+    assert "rope_parameters" in standardised and "rope_scaling" not in standardised
+    a, b = ModelConfig.from_hf(legacy), ModelConfig.from_hf(standardised)
+    assert dataclasses.replace(a, hf_json="") == dataclasses.replace(b, hf_json="")
+    assert a.to_hf() == legacy  # unchanged fields are written back as they came
+
+
 def test_config_errors_name_the_option():
     base = {**_RANDOM_BASE, "model_type": "llama"}
     with pytest.raises(ConfigError, match=r"unsupported model_type 'gpt2'.*supported: llama, mistral, ministral, qwen2"):
