@@ -10,7 +10,9 @@ ever *calls* it (``y = self.q_proj(x)``). Two seams for the GPTQ work:
         out, inter = nnx.capture(layer, nnx.Intermediate)(hidden, positions, mask)
         xs = captured_inputs(inter)                        # {"self_attn.q_proj": (x,), ...}
 
-    This works inside ``jax.jit`` (the captured State is an ordinary pytree output; see tests).
+    This works inside ``jax.jit`` (the captured State is an ordinary pytree output; see tests). Without
+    ``nnx.capture`` (older flax) the sown values stay on the modules: ``captured_inputs(nnx.pop(layer,
+    nnx.Intermediate))`` after the call gives the same dict.
 
 (b) Replacing the dense weight by a quantized representation (issue 4/5): write another ``nnx.Module`` that
     satisfies `LinearLike` (``in_features``, ``out_features``, ``capture_input``, ``__call__(x)`` returning the
