@@ -126,6 +126,12 @@ def attention_mask_4d(attention_mask: jax.Array | None, batch: int, seq_len: int
     return allowed
 
 
+def _fused_attention_available(dtype: jnp.dtype) -> bool:
+    """Whether to use cuDNN's fused causal attention: on CUDA GPUs for 16-bit compute dtypes (fp32 stays on the
+    XLA path, whose float32 softmax the CPU tests compare against transformers)."""
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype: DTypeLike, param_dtype: DTypeLike, rngs: nnx.Rngs):
         c = config
@@ -139,15 +145,23 @@ class LlamaAttention(nnx.Module):
         self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
         self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x (B, T, hidden); cos/sin (B, T, head_dim) float32; mask (B, 1, T, T) bool -> (B, T, hidden)."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """x (B, T, hidden); cos/sin (B, T, head_dim) float32; mask (B, 1, T, T) bool, or None for a plain causal
+        mask (then a fused attention kernel is used where one exists: cuDNN on GPUs for bf16/fp16) -> (B, T, hidden).
+        """
         b, t, _ = x.shape
         kv, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q = self.q_proj(x).reshape(b, t, kv * g, d)
         k = self.k_proj(x).reshape(b, t, kv, d)
         v = self.v_proj(x).reshape(b, t, kv, d)
-        q = _apply_rotary(q, cos, sin).reshape(b, t, kv, g, d)  # head h = kv_head * g + j (HF repeat_kv)
+        q = _apply_rotary(q, cos, sin)
         k = _apply_rotary(k, cos, sin)
+        if mask is None:
+            if _fused_attention_available(self.dtype):
+                out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+                return self.o_proj(out.reshape(b, t, kv * g * d))
+            mask = attention_mask_4d(None, b, t)
+        q = q.reshape(b, t, kv, g, d)  # head h = kv_head * g + j (HF repeat_kv)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
         scores = jnp.where(mask[:, :, None, :, :], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
@@ -187,7 +201,8 @@ class LlamaDecoderLayer(nnx.Module):
         """hidden (B, T, hidden) compute dtype; positions (B, T) int; attention_mask (B, T) 0/1 or None."""
         b, t, _ = hidden.shape
         cos, sin = rotary_cos_sin(self.config, positions)
-        mask = attention_mask_4d(attention_mask, b, t, self.sliding_window)
+        causal_only = attention_mask is None and self.sliding_window is None
+        mask = None if causal_only else attention_mask_4d(attention_mask, b, t, self.sliding_window)
         h = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
