@@ -3,12 +3,13 @@
 Sections (each optional):
   load      SmolLM2-135M load time from the GGUF and from an HF safetensors directory (converted first)
   smollm2   SmolLM2 perplexity throughput (tokens/s) on WikiText-2 test windows, through `evaluate.perplexity`
-  llama7b   LLaMA-7B-shaped randomly initialised model (bf16), seqlen 2048, batch 8: eval throughput and the
-            achieved fraction of the bf16 matmul roofline measured in the same run (an 8192^3 bf16 dot)
+  shapes    randomly initialised models of SmolLM2's and LLaMA-7B's shapes (bf16; no checkpoint is needed, so it
+            runs on a bare GPU machine), seqlen 2048: eval throughput and, for LLaMA-7B at batch 8, the achieved
+            fraction of the bf16 matmul roofline measured in the same run (an 8192^3 bf16 dot)
 
 Prints a table last. Examples:
   python benchmarks/bench_eval.py --sections load,smollm2 --windows 2          # CPU
-  python benchmarks/bench_eval.py --sections smollm2,llama7b --windows 16 --ids ids.npy   # GPU
+  python benchmarks/bench_eval.py --sections shapes                             # GPU
 """
 
 from __future__ import annotations
@@ -29,6 +30,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gptq_jax import evaluate, model_io  # noqa: E402
 from gptq_jax.models.config import ModelConfig  # noqa: E402
 from gptq_jax.models.llama import LlamaForCausalLM  # noqa: E402
+
+SMOLLM2 = {  # SmolLM2-135M's shape (SOURCES.md): for throughput with random weights
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
 
 LLAMA7B = {
     "model_type": "llama",
@@ -104,24 +119,21 @@ def bench_smollm2(rows: list, ids_file: str | None, windows: int, batch: int, dt
     rows.append((label, f"{res.tokens_per_s:,.0f} tok/s", f"ppl {res.ppl:.4f}, compile {res.compile_s:.1f} s"))
 
 
-def bench_llama7b(rows: list, batches: int, batch: int) -> None:
-    cfg = ModelConfig.from_hf(LLAMA7B)
+def bench_shape(rows: list, name: str, hf: dict, batches: int, batch: int, dtype, peak: float | None) -> None:
+    """Eval throughput of a randomly initialised model of the given shape, seqlen 2048."""
+    cfg = ModelConfig.from_hf(hf)
     t0 = time.perf_counter()
-    model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=_rngs())
+    model = LlamaForCausalLM(cfg, dtype=dtype, param_dtype=dtype, rngs=_rngs())
     init_s = time.perf_counter() - t0
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=batches * batch * 2048, dtype=np.int32)
     res = evaluate.perplexity(model, ids, seqlen=2048, batch_size=batch)
-    peak = matmul_peak_tflops()
     achieved = res.tokens_per_s * llama_flops_per_token(cfg, 2048) / 1e12
-    rows.append(("LLaMA-7B-shaped bf16 init", f"{init_s:.1f} s", ""))
-    rows.append(
-        (
-            f"LLaMA-7B-shaped bf16 eval, {res.windows} x 2048, batch {batch}",
-            f"{res.tokens_per_s:,.0f} tok/s",
-            f"{achieved:.0f} TFLOP/s = {achieved / peak:.1%} of measured bf16 peak {peak:.0f} TFLOP/s"
-            f" (compile {res.compile_s:.1f} s)",
-        )
-    )
+    extra = f"{achieved:.1f} TFLOP/s"
+    if peak:
+        extra += f" = {achieved / peak:.1%} of the measured bf16 matmul peak {peak:.0f} TFLOP/s"
+    extra += f" (init {init_s:.1f} s, compile {res.compile_s:.1f} s)"
+    label = f"{name}-shaped {jnp.dtype(dtype).name} eval, {res.windows} x 2048, batch {batch}"
+    rows.append((label, f"{res.tokens_per_s:,.0f} tok/s", extra))
 
 
 def _rngs():
@@ -132,12 +144,12 @@ def _rngs():
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="load,smollm2", help="comma list of: load, smollm2, llama7b")
+    p.add_argument("--sections", default="load,smollm2", help="comma list of: load, smollm2, shapes")
     p.add_argument("--ids", default=None, help=".npy of WikiText-2 token ids (tokenized elsewhere)")
     p.add_argument("--windows", type=int, default=2, help="SmolLM2 eval windows")
     p.add_argument("--batch", type=int, default=1, help="SmolLM2 eval batch size")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="SmolLM2 param dtype")
-    p.add_argument("--llama-batches", type=int, default=4, help="LLaMA-7B-shaped batches of 8 x 2048")
+    p.add_argument("--shape-batches", type=int, default=4, help="batches per shape in the shapes section")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     sections = set(args.sections.split(","))
@@ -146,8 +158,12 @@ def main() -> None:
         bench_load(rows)
     if "smollm2" in sections:
         bench_smollm2(rows, args.ids, args.windows, args.batch, args.dtype)
-    if "llama7b" in sections:
-        bench_llama7b(rows, args.llama_batches, 8)
+    if "shapes" in sections:
+        peak = matmul_peak_tflops()
+        rows.append(("bf16 8192^3 matmul (XLA), device-timed", f"{peak:.0f} TFLOP/s", ""))
+        for batch in (1, 8):
+            bench_shape(rows, "SmolLM2", SMOLLM2, args.shape_batches, batch, jnp.bfloat16, None)
+        bench_shape(rows, "LLaMA-7B", LLAMA7B, args.shape_batches, 8, jnp.bfloat16, peak)
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
     print(f"\ndevice: {device}")
     w = max(len(r[0]) for r in rows)
