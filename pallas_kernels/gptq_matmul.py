@@ -53,9 +53,14 @@ class KernelConfig:
     split_k: number of K splits (clamped to the number of steps).
     num_warps, num_stages: Triton launch parameters.
     convert: how codes become floats. "dot": "cvt" (int->float conversion), "magic" (2^23 trick in fp32, then
-      cast), "magic16" (fp16 0x6400 trick; bf16 uses "magic"). "fma": "shift" (shift field to bit 0, 2^23
+      cast), "magic16" (fp16 0x6400 trick; bf16 uses "magic"), "asm" (inline PTX, Marlin's trick, reference
+      4.2: one lop3 puts two fields of a word into the mantissas of a half2 1024.0 (bf16: 128.0) and one
+      sub.f16x2 removes the offset, i.e. ~1.4 instructions per two weights; bits 2/4/8 with fp16, 2/4 with bf16,
+      else "magic"; the interpreter runs the equivalent jnp code). "fma": "shift" (shift field to bit 0, 2^23
       trick) or "pos" (no shift for fields inside the fp32 mantissa: the code keeps its bit position, and x is
       pre-scaled by the matching power of two).
+    steps_per_iter: K steps handled per loop iteration (their weight loads are issued together).
+    evict_first: stream the weight with the evict-first cache policy (it is read once).
     """
 
     mode: Literal["dot", "fma"] = "dot"
@@ -65,6 +70,8 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     convert: str = "magic"
+    steps_per_iter: int = 1
+    evict_first: bool = True
 
     def __post_init__(self):
         if self.mode not in ("dot", "fma"):
@@ -77,7 +84,9 @@ class KernelConfig:
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
-        ok = ("cvt", "magic", "magic16") if self.mode == "dot" else ("shift", "pos")
+        if self.steps_per_iter < 1:
+            raise ValueError(f"steps_per_iter must be >= 1, got {self.steps_per_iter}")
+        ok = ("cvt", "magic", "magic16", "asm") if self.mode == "dot" else ("shift", "pos")
         if self.convert not in ok:
             raise ValueError(f"convert={self.convert!r} is not valid for mode {self.mode!r}: use one of {ok}")
 
@@ -108,6 +117,7 @@ class _Static:
     mask_m: bool
     mask_n: bool
     cfg: KernelConfig
+    interpret: bool = False
 
 
 def _subchunks(bits: int) -> list[tuple[int, int, int, int]]:
@@ -162,12 +172,56 @@ def _code_dot(st: _Static, tiles, j: int, dtype) -> jax.Array:
     """Codes of sub-chunk j as `dtype` (fp16/bf16) for a tensor-core dot."""
     conv = st.cfg.convert
     c = _code_int(st, tiles, j)
+    if conv == "asm":  # only reached when inline asm is not usable (3 bits, bf16 x 8 bits, interpreter)
+        if dtype == jnp.float16:
+            conv = "magic16"
     if conv == "cvt":
         return c.astype(dtype)
     if conv == "magic16" and dtype == jnp.float16:
         h = jax.lax.bitcast_convert_type((c | 0x6400).astype(jnp.int16), jnp.float16)  # 1024 + code, exact
         return h - jnp.float16(1024.0)
     return _magic_f32(c).astype(dtype)
+
+
+def _asm_fields(words: jax.Array, bits: int, dtype) -> list[jax.Array]:
+    """All 32/bits fields of an int32 tile as `dtype` tiles, via one inline-PTX block per word (reference 4.2).
+
+    Fields j and j + P/2 (P = 32/bits) sit in the low and high 16-bit halves of the word at the same offset, so
+    `lop3 (w >> b*j) & mask16x2 | magic16x2` makes a half2 (magic + f_j, magic + f_{j+P/2}) and one sub.f16x2
+    (sub.bf16x2) removes the magic: exact, no int->float conversion.
+    """
+    per = 32 // bits
+    half = per // 2
+    mask = (1 << bits) - 1
+    mask2 = mask | (mask << 16)
+    if dtype == jnp.float16:
+        magic, sub = 0x64006400, "sub.f16x2"
+    else:
+        magic, sub = 0x43004300, "sub.rn.bf16x2"
+    lines = ["{", ".reg .b32 t, s, m;", f"mov.b32 m, {magic};"]
+    for j in range(half):
+        src = f"${per}"
+        if j:
+            lines.append(f"shr.u32 s, ${per}, {bits * j};")
+            src = "s"
+        lines.append(f"lop3.b32 t, {src}, {mask2}, {magic}, 0xEA;")
+        lines.append(f"{sub} t, t, m;")
+        lines.append(f"mov.b32 {{${j}, ${j + half}}}, t;")
+    lines.append("}")
+    outs = plgpu.elementwise_inline_asm(
+        "\n".join(lines),
+        args=[words],
+        constraints=",".join(["=h"] * per + ["r"]),
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, dtype)] * per,
+    )
+    return list(outs)
+
+
+def _asm_ok(st: _Static, dtype) -> bool:
+    if st.cfg.convert != "asm" or st.bits == 3:
+        return False
+    return dtype == jnp.float16 or st.bits in (2, 4)
 
 
 def _code_fma(st: _Static, tiles, j: int) -> tuple[jax.Array, float]:
@@ -223,8 +277,33 @@ def _kernel(*refs, st: _Static):
         tiles = []
         for p_ref, (rows, offs, trows) in zip(plane_refs, plane_rows):
             base = t * rows
-            tiles.append([p_ref[pl.ds(base + o, trows), pl.ds(n0, bn)] for o in offs])
+            idxs = [(pl.ds(base + o, trows), pl.ds(n0, bn)) for o in offs]
+            if cfg.evict_first and not st.interpret:
+                tiles.append([plgpu.load(p_ref.at[i], eviction_policy="evict_first") for i in idxs])
+            else:
+                tiles.append([p_ref[i] for i in idxs])
         return tiles
+
+    def run_steps(step_fn, init):
+        """Fold step_fn(t, tiles, carry) over this program's steps, steps_per_iter of them per iteration."""
+        u = cfg.steps_per_iter
+
+        def one(t, carry):
+            return step_fn(t, load_tiles(t), carry)
+
+        if u == 1:
+            return jax.lax.fori_loop(t_lo, t_hi, one, init)
+
+        def many(i, carry):
+            t0 = t_lo + i * u
+            tiles = [load_tiles(t0 + v) for v in range(u)]  # all loads issued before any use
+            for v in range(u):
+                carry = step_fn(t0 + v, tiles[v], carry)
+            return carry
+
+        n_full = (t_hi - t_lo) // u
+        carry = jax.lax.fori_loop(0, n_full, many, init)
+        return jax.lax.fori_loop(t_lo + n_full * u, t_hi, one, carry)
 
     def load_scale_zero(g):
         s = s_ref[g, pl.ds(n0, bn)].astype(jnp.float32)
@@ -245,14 +324,16 @@ def _kernel(*refs, st: _Static):
                 mask = mask & ((kk + jax.lax.broadcasted_iota(jnp.int32, (sub,), 0)) < st.k)[None, :]
             return plgpu.load(x_ref.at[idx], mask=mask, other=0)
 
-        def body(t, acc):
-            tiles = load_tiles(t)
+        use_asm = _asm_ok(st, x_ref.dtype) and not st.interpret
+
+        def body(t, tiles, acc):
+            fields = _asm_fields(tiles[0][0], bits, x_ref.dtype) if use_asm else None
             for g, js in _groups_in_step(st, t):
                 p = jnp.zeros((bm, bn), jnp.float32)
                 xs = jnp.zeros((bm,), jnp.float32)
                 for j in js:
                     xj = load_x(t * step + _subchunks(bits)[j][0])
-                    cj = _code_dot(st, tiles, j, xj.dtype)
+                    cj = fields[j] if use_asm else _code_dot(st, tiles, j, xj.dtype)
                     p = p + jnp.dot(xj, cj, preferred_element_type=jnp.float32)
                     xs = xs + jnp.sum(xj.astype(jnp.float32), axis=1)
                 s, z = load_scale_zero(g)
@@ -260,7 +341,7 @@ def _kernel(*refs, st: _Static):
                 acc = acc + s[None, :] * (p - zx)
             return acc
 
-        acc = jax.lax.fori_loop(t_lo, t_hi, body, jnp.zeros((bm, bn), jnp.float32))
+        acc = run_steps(body, jnp.zeros((bm, bn), jnp.float32))
         out_rows = [(acc, None)]
     else:
         # fma: one (SUB, BN) fp32 accumulator per row; the per-row-position factorisation
@@ -277,8 +358,7 @@ def _kernel(*refs, st: _Static):
                 mask = mask & ((kk + jax.lax.broadcasted_iota(jnp.int32, (sub,), 0)) < st.k)
             return plgpu.load(x_ref.at[idx], mask=mask, other=0).astype(jnp.float32)
 
-        def body(t, accs):
-            tiles = load_tiles(t)
+        def body(t, tiles, accs):
             accs = list(accs)
             for g, js in _groups_in_step(st, t):
                 codes = [_code_fma(st, tiles, j) for j in js]
@@ -295,7 +375,7 @@ def _kernel(*refs, st: _Static):
             return tuple(accs)
 
         init = tuple(jnp.zeros((sub, bn), jnp.float32) for _ in range(bm))
-        accs = jax.lax.fori_loop(t_lo, t_hi, body, init)
+        accs = run_steps(body, init)
         out_rows = [(jnp.sum(a, axis=0), i) for i, a in enumerate(accs)]
 
     # epilogue: bias (S = 1 only), cast, masked store
@@ -395,6 +475,7 @@ def gptq_matmul(
         mask_m=m % bm != 0,
         mask_n=n != np_,
         cfg=cfg,
+        interpret=interpret,
     )
     args = [x, *w.planes, w.scales]
     if st.has_zeros:
