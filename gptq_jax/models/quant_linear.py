@@ -1,0 +1,258 @@
+"""QuantLinear: a GPTQ-quantized drop-in for `Linear` (the `LinearLike` seam), holding AutoGPTQ tensors as stored.
+
+Tensors (shared/docs/gptq-reference.md 1.1; K = in_features, N = out_features, b = bits, G = groups):
+
+    qweight int32 (K*b/32, N)   codes packed along K (1.3)
+    qzeros  int32 (G, N*b/32)   zero points packed along N; "gptq" (v1) stores zero - 1, "gptq_v2" the zero (1.4)
+    scales  float16 (G, N)
+    g_idx   int32 (K,)          group of every input channel (1.6)
+    bias    (N,) or absent
+
+They are `QuantTensor` variables (not `nnx.Param`: integer codes are not trainable parameters), kept exactly as a
+checkpoint stores them, so `to_torch_tensors()` writes them back unchanged and a model loaded from a checkpoint
+computes the same numbers as the model that was exported.
+
+Forward (the XLA reference path, used on CPU and until the Pallas kernels are wired in): dequantize
+W[k, n] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n]) in float32 with `pallas_kernels.gptq_layout
+.dequantize_autogptq` (exact: an fp16 scale times a small integer), cast it to the compute `dtype`, and multiply
+with float32 accumulation, exactly as `Linear` does with a dense kernel; the bias is added in float32 and the result
+cast to `out_dtype` (default: the compute dtype).
+
+`quantized_model_from_state_dict` builds a whole `LlamaForCausalLM` from an AutoGPTQ-style state dict (quantized
+layers + ordinary tensors) without ever materialising dense weights for the quantized layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.typing import DTypeLike
+
+from gptq_jax.models.config import ModelConfig
+from gptq_jax.models.linear import INPUTS, LinearLike, get_submodule, replace_linear
+from gptq_jax.models.llama import LlamaForCausalLM, StateDictError
+from pallas_kernels.gptq_layout import dequantize_autogptq
+
+__all__ = ["QuantTensor", "QuantLinear", "quantized_model_from_state_dict", "SUPPORTED_BITS", "CHECKPOINT_FORMATS"]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class QuantTensor(nnx.Variable):
+    """A packed GPTQ tensor (codes, zero points, scales, group index, bias): state, but not a trainable Param."""
+
+
+class QuantLinear(nnx.Module):
+    """y = x @ dequant(qweight, qzeros, scales, g_idx) + bias; see the module docstring for the tensors.
+
+    Args:
+      qweight, qzeros, scales, g_idx, bias: one layer's AutoGPTQ tensors (numpy or jax arrays; bias may be None).
+      bits: 2, 3, 4 or 8.
+      checkpoint_format: "gptq" (v1: stored zero points are zero - 1) or "gptq_v2".
+      dtype: compute dtype (the dequantized weight and x are cast to it; accumulation is float32).
+      out_dtype: dtype of the result; None means `dtype`.
+    """
+
+    def __init__(
+        self,
+        qweight,
+        qzeros,
+        scales,
+        g_idx,
+        bias=None,
+        *,
+        bits: int,
+        checkpoint_format: str = "gptq",
+        dtype: DTypeLike = jnp.float32,
+        out_dtype: DTypeLike | None = None,
+    ):
+        if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={bits!r} is not supported (use one of {SUPPORTED_BITS})")
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"checkpoint_format={checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
+        rows, n = _shape(qweight, "qweight", 2)
+        if (rows * 32) % bits:
+            raise ValueError(f"qweight has {rows} rows, not K*{bits}/32 for an integer K")
+        k = rows * 32 // bits
+        g, ns = _shape(scales, "scales", 2)
+        if ns != n:
+            raise ValueError(f"scales has shape {(g, ns)}; expected (G, N={n}) to match qweight {(rows, n)}")
+        if _shape(qzeros, "qzeros", 2) != (g, -(-n * bits // 32)):
+            raise ValueError(f"qzeros has shape {tuple(np.shape(qzeros))}; expected (G={g}, N*{bits}/32)")
+        if _shape(g_idx, "g_idx", 1) != (k,):
+            raise ValueError(f"g_idx has shape {tuple(np.shape(g_idx))}; expected (K={k},)")
+        if bias is not None and _shape(bias, "bias", 1) != (n,):
+            raise ValueError(f"bias has shape {tuple(np.shape(bias))}; expected (N={n},)")
+        for name, arr in (("qweight", qweight), ("qzeros", qzeros), ("g_idx", g_idx)):
+            if np.dtype(arr.dtype).kind not in "iu":
+                raise ValueError(f"{name} must be an integer array, got {arr.dtype}")
+        self.in_features = int(k)
+        self.out_features = int(n)
+        self.bits = int(bits)
+        self.checkpoint_format = str(checkpoint_format)
+        self.dtype = jnp.dtype(dtype)
+        self.out_dtype = None if out_dtype is None else jnp.dtype(out_dtype)
+        self.capture_input = False
+        self.qweight = QuantTensor(_as_jax(qweight, jnp.int32))
+        self.qzeros = QuantTensor(_as_jax(qzeros, jnp.int32))
+        self.scales = QuantTensor(_as_jax(scales))
+        self.g_idx = QuantTensor(_as_jax(g_idx, jnp.int32))
+        self.bias = None if bias is None else QuantTensor(_as_jax(bias))
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.scales.get_value().shape[0])
+
+    def dequantized_weight(self) -> jax.Array:
+        """The dense weight (in_features, out_features) float32 (Flax orientation, like `Linear.kernel`)."""
+        return dequantize_autogptq(
+            self.qweight[...], self.qzeros[...], self.scales[...], self.g_idx[...], bits=self.bits,
+            checkpoint_format=self.checkpoint_format,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., in_features) -> (..., out_features) in `out_dtype` (default: the compute dtype)."""
+        if self.capture_input:
+            self.sow(nnx.Intermediate, INPUTS, x)
+        w = self.dequantized_weight().astype(self.dtype)
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.out_dtype or self.dtype)
+
+    def to_torch_tensors(self) -> dict[str, np.ndarray]:
+        """{"qweight", "qzeros", "scales", "g_idx"[, "bias"]} as numpy, exactly as held (AutoGPTQ layout)."""
+        out = {
+            "qweight": np.asarray(self.qweight[...]),
+            "qzeros": np.asarray(self.qzeros[...]),
+            "scales": np.asarray(self.scales[...]),
+            "g_idx": np.asarray(self.g_idx[...]),
+        }
+        if self.bias is not None:
+            out["bias"] = np.asarray(self.bias[...])
+        return out
+
+
+def _shape(arr, name: str, ndim: int) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in np.shape(arr))
+    if len(shape) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {shape}")
+    return shape
+
+
+def _as_jax(arr, dtype=None) -> jax.Array:
+    """A jax array; with `dtype` (int32), uint32 words are reinterpreted bit for bit, other integers converted."""
+    if dtype is None:
+        return jnp.asarray(arr)
+    if isinstance(arr, jax.Array):
+        if arr.dtype == dtype:
+            return arr
+        if arr.dtype == jnp.uint32:
+            return jax.lax.bitcast_convert_type(arr, dtype)
+        return arr.astype(dtype)
+    a = np.asarray(arr)
+    if a.dtype == np.uint32:
+        a = a.view(np.int32)
+    return jnp.asarray(a.astype(dtype, copy=False))
+
+
+def _is_float(arr) -> bool:
+    dt = np.dtype(arr.dtype)
+    return dt.kind == "f" or dt.name == "bfloat16"
+
+
+def quantized_model_from_state_dict(
+    config: ModelConfig,
+    layers: Mapping[str, Mapping[str, np.ndarray]],
+    other: Mapping[str, np.ndarray],
+    *,
+    bits: int,
+    checkpoint_format: str,
+    dtype: DTypeLike = jnp.float32,
+) -> LlamaForCausalLM:
+    """A model whose linears named in `layers` are `QuantLinear`s and whose other parameters come from `other`.
+
+    layers: {module name ("model.layers.0.self_attn.q_proj"): {"qweight", "qzeros", "scales", "g_idx"[, "bias"]}}
+    as a checkpoint stores them (converters.autogptq.read_gptq_checkpoint). other: {HF tensor name: array} in
+    PyTorch layout for everything else (embeddings, norms, unquantized linears' weights). Non-quantized parameters
+    are cast to `dtype`, which is also every layer's compute dtype; the quantized tensors are kept as stored.
+    Raises StateDictError naming the tensor for a missing/unexpected/misshapen tensor or a quantized layer that
+    is not a linear of this model.
+    """
+    dt = jnp.dtype(dtype)
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)))
+    for prefix in sorted(layers):
+        t = layers[prefix]
+        try:
+            old = get_submodule(model, prefix)
+        except KeyError:
+            old = None
+        if not isinstance(old, LinearLike):
+            raise StateDictError(
+                f"unexpected tensor {prefix}.qweight: {prefix!r} is not a linear layer of this {config.model_type} "
+                "model"
+            )
+        unknown = sorted(set(t) - set(LAYER_TENSORS))
+        if unknown:
+            raise StateDictError(f"unexpected tensor {prefix}.{unknown[0]}")
+        for key in ("qweight", "qzeros", "scales", "g_idx"):
+            if t.get(key) is None:
+                raise StateDictError(f"missing tensor {prefix}.{key}")
+        has_bias = getattr(old, "bias", None) is not None
+        if has_bias and t.get("bias") is None:
+            raise StateDictError(f"missing tensor {prefix}.bias (this {config.model_type} layer has a bias)")
+        if not has_bias and t.get("bias") is not None:
+            raise StateDictError(f"unexpected tensor {prefix}.bias (this {config.model_type} layer has no bias)")
+        if not _is_float(np.asarray(t["scales"])):
+            raise StateDictError(f"tensor {prefix}.scales must be floating point, got {np.asarray(t['scales']).dtype}")
+        try:
+            q = QuantLinear(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], t.get("bias"), bits=bits,
+                            checkpoint_format=checkpoint_format, dtype=dt, out_dtype=getattr(old, "out_dtype", None))
+        except ValueError as e:
+            raise StateDictError(f"layer {prefix}: {e}") from None
+        if (q.in_features, q.out_features) != (old.in_features, old.out_features):
+            raise StateDictError(
+                f"tensor {prefix}.qweight encodes a ({q.out_features}, {q.in_features}) weight (out, in); this "
+                f"model's {prefix} is ({old.out_features}, {old.in_features})"
+            )
+        replace_linear(model, prefix, q)
+
+    entries: dict[str, tuple[nnx.Variable, bool]] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = ".".join(str(p) for p in path)
+        if path[-1] == "kernel":
+            entries[name[: -len("kernel")] + "weight"] = (var, True)
+        else:
+            entries[name] = (var, False)
+    names = [n for n in other if not n.endswith(_IGNORED_SUFFIXES)]
+    emb = other.get("model.embed_tokens.weight")
+    if config.tie_word_embeddings and "lm_head.weight" in other and "lm_head" not in layers:
+        if emb is None or not np.array_equal(np.asarray(other["lm_head.weight"]), np.asarray(emb)):
+            raise StateDictError("unexpected tensor 'lm_head.weight': the config ties word embeddings but "
+                                 "lm_head.weight differs from model.embed_tokens.weight")
+        names.remove("lm_head.weight")
+    missing = sorted(set(entries) - set(names))
+    unexpected = sorted(set(names) - set(entries))
+    if missing:
+        raise StateDictError(f"missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                                                                  else ""))
+    if unexpected:
+        raise StateDictError(f"unexpected tensor {unexpected[0]!r}"
+                             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for name, (var, transposed) in entries.items():
+        arr = np.asarray(other[name])
+        shape = tuple(var.get_value().shape)
+        expected = shape[::-1] if transposed else shape
+        if tuple(arr.shape) != expected:
+            raise StateDictError(f"tensor {name!r} has shape {tuple(arr.shape)}, expected {expected}")
+        var.set_value(jnp.asarray(arr.T if transposed else arr).astype(dt))
+    return model
