@@ -21,6 +21,16 @@ _NAMES = ("HiPrimitive", "MutableHiType", "AvalQDD", "AvalMutableQDD")
 log = logging.getLogger(__name__)
 
 
+class _Placeholder:
+    """Stands in for a removed hijax class: constructible with any arguments, never used for computation."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __class_getitem__(cls, item):
+        return cls
+
+
 def _install() -> list[str]:
     try:
         from jax.experimental import hijax
@@ -29,7 +39,7 @@ def _install() -> list[str]:
     patched = []
     for name in _NAMES:
         if not hasattr(hijax, name):
-            setattr(hijax, name, type(name, (), {"__doc__": "placeholder set by gptq_jax._flax_compat"}))
+            setattr(hijax, name, type(name, (_Placeholder,), {}))
             patched.append(name)
     return patched
 
