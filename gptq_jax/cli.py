@@ -116,6 +116,139 @@ def cmd_convert(args: argparse.Namespace) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
+def _quantize_progress(enabled: bool) -> tuple[Callable[[dict], None], Callable[[], None]]:
+    """A tqdm bar over the solved module sets (postfix: loss, damping, time); decisions printed above it."""
+    if not enabled:
+        return (lambda event: None), (lambda: None)
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(ev: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=ev["total"], desc="gptq", unit="set", file=sys.stderr, dynamic_ncols=True)
+        short = "+".join(m.rsplit(".", 1)[-1] for m in ev["modules"])
+        loss = "/".join(f"{v:.3g}" for v in ev["losses"])
+        bar.set_postfix_str(f"layer {ev['layer']} {short} loss {loss} damp {ev['damp']:.3g} {ev['seconds']:.2f}s")
+        if ev["fallback"]:
+            bar.write(f"layer {ev['layer']} {short}: Hessian not factorisable, round-to-nearest fallback")
+        bar.update(ev["done"] - bar.n)
+
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return update, close
+
+
+def _loss_table(report, stream=sys.stderr) -> None:
+    """Per-layer table of module losses (reference error), the largest damping used and the solve time."""
+    rows: dict[int, dict] = {}
+    cols: list[str] = []
+    for m in report.modules:
+        short = m.name.rsplit(".", 1)[-1]
+        if short not in cols:
+            cols.append(short)
+        r = rows.setdefault(m.layer, {"damp": 0.0, "s": 0.0, "sets": set()})
+        r[short] = m.loss
+        r["damp"] = max(r["damp"], m.damp)
+        if (m.seconds, m.name.rsplit(".", 1)[0]) not in r["sets"]:
+            r["sets"].add((m.seconds, m.name.rsplit(".", 1)[0]))
+            r["s"] += m.seconds
+        if m.fallback:
+            r[short + "!"] = True
+    head = f"{'layer':>5} " + " ".join(f"{c:>10}" for c in cols) + f" {'damp':>7} {'solve s':>8}"
+    print(head, file=stream)
+    for layer in sorted(rows):
+        r = rows[layer]
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{'':>10}" if v is None else f"{v:>9.4g}{'!' if r.get(c + '!') else ' '}")
+        name = "head" if layer == report.num_layers else str(layer)
+        print(f"{name:>5} " + " ".join(cells) + f" {r['damp']:>7.4f} {r['s']:>8.2f}", file=stream)
+    if report.fallbacks:
+        print(f"round-to-nearest fallback (!): {', '.join(report.fallbacks)}", file=stream)
+    if report.damp_raised:
+        print(f"damping raised: {', '.join(report.damp_raised)}", file=stream)
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict:
+    from converters.files import check_output_dir
+    from gptq_jax import api, calibration, model_io, pipeline
+    from gptq_jax.config import QuantizeConfig
+
+    t_all = time.perf_counter()
+    config = QuantizeConfig(
+        bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act,
+        static_groups=args.static_groups, damp_percent=args.damp_percent,
+        damp_auto_increment=args.damp_auto_increment, true_sequential=args.true_sequential,
+        mse=args.mse, lm_head=args.lm_head,
+    )
+    fmt = api.resolve_checkpoint_format(config, None if args.format == "auto" else args.format)
+    config = config.replace(checkpoint_format=fmt)
+    if args.save_dtype not in model_io.DTYPES:
+        raise ValueError(f"--save-dtype {args.save_dtype!r} is not one of {', '.join(model_io.DTYPES)}")
+    check_output_dir(args.out, args.overwrite)
+    stages: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    loaded = model_io.load_model(args.model, dtype=args.dtype)
+    stages["load_s"] = time.perf_counter() - t0
+    if loaded.kind == "gptq":
+        raise ValueError(f"{loaded.source} is already a GPTQ checkpoint; quantize the original model")
+    pipeline.check_model(loaded.model, config, require_packable=True)
+    log.info("loaded %s (%s) in %.1f s", loaded.source, loaded.kind, stages["load_s"])
+
+    t0 = time.perf_counter()
+    calib = calibration.load_calibration(
+        loaded.tokenizer, args.dataset, split=args.split, nsamples=args.nsamples, seqlen=args.seqlen,
+        mode=args.calibration_mode, seed=args.seed, max_seqlen=loaded.config.max_position_embeddings,
+    )
+    stages["calibration_s"] = time.perf_counter() - t0
+
+    update, close = _quantize_progress(not args.quiet)
+    t0 = time.perf_counter()
+    try:
+        qmodel = api.quantize(loaded, calib, config, checkpoint_format=fmt,
+                              options=pipeline.PipelineOptions(batch_size=args.batch_size, pack=True),
+                              progress=update)
+    finally:
+        close()
+    stages["quantize_s"] = time.perf_counter() - t0
+    report = qmodel.report
+    if not args.quiet:
+        _loss_table(report)
+
+    t0 = time.perf_counter()
+    api.save_quantized(qmodel, args.out, dtype=args.save_dtype, max_shard_size=args.max_shard_size,
+                       overwrite=args.overwrite)
+    stages["save_s"] = time.perf_counter() - t0
+    total = time.perf_counter() - t_all
+    summary = report.to_dict()
+    return {
+        "model": loaded.source,
+        "out": str(args.out),
+        "config": qmodel.quantization_config,
+        "checkpoint_format": fmt,
+        "calibration": calib.to_dict(),
+        "total_s": total,
+        "stages": {**stages, **{f"quantize.{k}": v for k, v in summary.pop("timings").items()}},
+        "pipeline": summary,
+        "modules": [{"name": m.name, "loss": m.loss, "damp": m.damp, "fallback": m.fallback} for m in report.modules],
+        "_table": [
+            ("model", loaded.source), ("out", str(args.out)), ("bits", config.bits),
+            ("group_size", config.group_size), ("sym", config.sym), ("desc_act", config.desc_act),
+            ("checkpoint_format", fmt), ("calibration", f"{calib.nsamples} x {calib.seqlen} tokens from "
+                                                        f"{calib.dataset} ({calib.mode})"),
+            ("modules", len(report.modules)), ("fallbacks", len(report.fallbacks)),
+            ("damp_raised", len(report.damp_raised)),
+            *((k, v) for k, v in stages.items()), ("total_s", total),
+        ],
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptq-jax", description="GPTQ quantization for LLaMA-family models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,6 +281,49 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     common(c)
     c.set_defaults(func=cmd_convert, title="convert")
+
+    q = sub.add_parser("quantize", help="GPTQ-quantize a model and write an AutoGPTQ-compatible checkpoint")
+    q.add_argument("model", help=model_help + " ('default' for the default)")
+    q.add_argument("out", help="output directory (refused if it exists and is not empty, unless --overwrite)")
+    g = q.add_argument_group("quantization")
+    g.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    g.add_argument("--group-size", type=int, default=128, help="input channels per group; -1 = per channel")
+    g.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
+                   help="symmetric grid (default); --no-sym for asymmetric (written as gptq_v2)")
+    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=False,
+                   help="act-order: quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=False,
+                   help="group parameters from the original column order (trivial g_idx with --desc-act)")
+    g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize k/v/q -> o -> up/gate -> down one after another (default)")
+    g.add_argument("--damp-percent", type=float, default=0.01, help="relative Hessian damping (default 0.01)")
+    g.add_argument("--damp-auto-increment", type=float, default=0.0025,
+                   help="raise damping by this step when the Cholesky fails (0: off)")
+    g.add_argument("--mse", type=float, default=0.0,
+                   help="clipping search for the grid: norm exponent (e.g. 2.4); 0 = plain min-max (default)")
+    g.add_argument("--lm-head", action="store_true", help="also quantize lm_head (transformers will not load it)")
+    g.add_argument("--format", default="auto", choices=["auto", "gptq", "gptq_v2"],
+                   help="checkpoint_format: auto = gptq (v1) for symmetric, gptq_v2 for asymmetric")
+    d = q.add_argument_group("calibration")
+    d.add_argument("--dataset", default="c4", help="c4 (bundled sample) | wikitext2 | tinystories | FILE | hub id")
+    d.add_argument("--split", default=None, help="dataset split (default: the source's; wikitext2: validation)")
+    d.add_argument("--nsamples", type=int, default=128, help="calibration segments (default 128)")
+    d.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per segment (default: up to 2048, as long as the text and the context allow)")
+    d.add_argument("--calibration-mode", default="concat", choices=["concat", "documents"],
+                   help="concat: documents joined and cut into segments; documents: the first seqlen tokens of "
+                        "each document with >= seqlen tokens")
+    d.add_argument("--seed", type=int, default=0, help="document shuffle seed (concat mode)")
+    r = q.add_argument_group("run")
+    r.add_argument("--batch-size", type=int, default=None, help="segments per forward pass (default: automatic)")
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model dtype while calibrating (default float32)")
+    r.add_argument("--save-dtype", default="float16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the non-quantized tensors in the checkpoint (default float16)")
+    r.add_argument("--max-shard-size", type=_parse_size, default=None, help="shard above this size, e.g. 2GB")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    common(q)
+    q.set_defaults(func=cmd_quantize, title="quantize")
     return p
 
 
@@ -169,10 +345,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"error": msg, "error_type": type(e).__name__}))
         return 2
+    table = result.pop("_table", None)
     if args.json:
         print(json.dumps(result, default=str))
     else:
-        _print_table([(k, v) for k, v in result.items()])
+        _print_table(table or [(k, v) for k, v in result.items()])
     return 0
 
 
