@@ -94,45 +94,67 @@ def correctness(log):
         log(f"check U ({method}) vs float64: rel err {np.linalg.norm(U - U64) / np.linalg.norm(U64):.2e}")
 
 
-def bench_solver(shapes, backends, reps, log, rows):
+def bench_solver(shapes, backends, reps, log, rows, tiles=(), tile_shapes=()):
     for (n_out, k) in shapes:
         W, H = make_problem(n_out, k)
         for act in (False, True):
             cfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=act)
             ref = REFERENCE[(n_out, k)][int(act)]
             # breakdown: factorisation alone
-            Wz, Hp, perm = sync(_prepare(W, H, act))
+            Wz, Hp, perm = sync(_prepare(W, H, jnp.asarray(act)))
             f_first, f_med, _ = time_call(lambda: _factor(Hp, jnp.float32(0.01), jnp.float32(0.0), "flip"), reps)
-            for be in backends:
+            variants = [(be, 64, 4) for be in backends]
+            if (n_out, k) in tile_shapes:
+                variants += [("pallas", tm, nw) for tm, nw in tiles if (tm, nw) != (64, 4)]
+            for be, tm, nw in variants:
+                label = be if (tm, nw) == (64, 4) else f"{be} tile {tm}/{nw}w"
                 try:
-                    first, med, ts = time_call(lambda: gptq(W, H, cfg, backend=be).codes, reps)
+                    first, med, ts = time_call(
+                        lambda: gptq(W, H, cfg, backend=be, tile_rows=tm, num_warps=nw).codes, reps)
                 except Exception as e:  # report and carry on with the other variants
-                    log(f"{n_out}x{k} act={act} {be}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                    log(f"{n_out}x{k} act={act} {label}: FAILED {type(e).__name__}: {str(e)[:300]}")
                     continue
-                rows.append((f"{n_out} x {k}", act, be, med, first - med, f_med, ref, ref / med))
-                log(f"{n_out}x{k} act={act} {be}: median {med:.3f}s (runs {', '.join(f'{t:.3f}' for t in ts)}), "
+                rows.append((f"{n_out} x {k}", act, label, med, first - med, f_med, ref, ref / med))
+                log(f"{n_out}x{k} act={act} {label}: median {med:.3f}s (runs {', '.join(f'{t:.3f}' for t in ts)}), "
                     f"compile ~{first - med:.1f}s, factor {f_med:.3f}s, reference {ref}s -> {ref / med:.1f}x")
+        if k >= 16384:  # where the factorisation dominates: its parts
+            Hd = Hp + 0.01 * jnp.mean(jnp.diagonal(Hp)) * jnp.eye(k, dtype=jnp.float32)
+            chol = jax.jit(lambda a: jnp.linalg.cholesky(a[::-1, ::-1]))
+            trsm = jax.jit(lambda L: jax.lax.linalg.triangular_solve(L, jnp.eye(L.shape[0], dtype=L.dtype),
+                                                                     left_side=True, lower=True))
+            L = sync(chol(Hd))
+            _, c_med, _ = time_call(lambda: chol(Hd), reps)
+            _, t_med, _ = time_call(lambda: trsm(L), reps)
+            log(f"factorisation K={k}: cholesky {c_med:.3f}s, triangular inverse {t_med:.3f}s")
+            del Hd, L
         del W, H, Wz, Hp
 
 
-def bench_hessian(reps, log, hrows):
-    for k in (4096, 11008):
+def bench_hessian(reps, log, hrows, block_counts=(None,), ks=(4096, 11008), nseq=128, seqlen=2048):
+    for k in ks:
         key = jax.random.PRNGKey(k)
-        X = sync(jax.random.normal(key, (128, 2048, k), jnp.float16))
-        # one call per sequence, as the reference's add_batch is called per calibration sample
-        def per_seq():
-            st = init_hessian(k)
-            for i in range(128):
-                st = accumulate_jit(st, X[i:i + 1])
-            return st.H
-        # the whole batch in one call (chunked over tokens inside)
-        def whole():
-            return accumulate_jit(init_hessian(k), X).H
-        for name, fn in (("per-sequence", per_seq), ("one call", whole)):
-            first, med, ts = time_call(fn, reps)
-            ref = REFERENCE_HESSIAN[k]
-            hrows.append((k, name, med, ref, ref / med))
-            log(f"hessian K={k} {name}: median {med:.3f}s (first {first:.2f}s), reference {ref}s -> {ref / med:.2f}x")
+        X = sync(jax.random.normal(key, (nseq, seqlen, k), jnp.float16))
+        Xs = [X[i:i + 1] for i in range(nseq)]  # separate buffers, as a calibration loop would hand them over
+        for nb in block_counts:
+            # one call per sequence, as the reference's add_batch is called per calibration sample
+            def per_seq():
+                st = init_hessian(k)
+                for x in Xs:
+                    st = accumulate_jit(st, x, sym_blocks=nb)
+                return st.H
+
+            # the whole batch in one call (chunked over tokens inside)
+            def whole():
+                return accumulate_jit(init_hessian(k), X, sym_blocks=nb).H
+
+            for name, fn in (("per-sequence", per_seq), ("one call", whole)):
+                first, med, ts = time_call(fn, reps)
+                ref = REFERENCE_HESSIAN.get(k, 0.0)
+                label = f"{name}, sym_blocks={nb if nb else 'default'}"
+                hrows.append((k, label, med, ref, ref / med))
+                log(f"hessian K={k} {label}: median {med:.3f}s (first {first:.2f}s), reference {ref}s -> "
+                    f"{ref / med:.2f}x")
+        del Xs
         del X
 
 
@@ -142,6 +164,11 @@ def main():
     ap.add_argument("--backends", default="pallas,xla")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of: check, solver, hessian")
+    ap.add_argument("--tiles", default="", help="extra Pallas tilings rows:warps, e.g. 32:4,128:8")
+    ap.add_argument("--tile-shapes", default="", help="shapes to try the extra tilings on, e.g. 8192x28672")
+    ap.add_argument("--hessian-blocks", default="", help="sym_blocks values to compare, e.g. 1,2,4")
+    ap.add_argument("--hessian-k", default="4096,11008")
+    ap.add_argument("--hessian-tokens", default="128x2048", help="sequences x length")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if args.shapes == "all":
@@ -155,14 +182,18 @@ def main():
     def log(msg):
         print(msg, flush=True)
 
-    log(f"jax {jax.__version__}, devices {jax.devices()}")
+    log(f"jax {jax.__version__}, devices {jax.devices()}, device kind {jax.devices()[0].device_kind}")
     if "check" not in skip:
         correctness(log)
     rows, hrows = [], []
+    tiles = [tuple(int(v) for v in t.split(":")) for t in filter(None, args.tiles.split(","))]
+    tile_shapes = [tuple(int(v) for v in s.split("x")) for s in filter(None, args.tile_shapes.split(","))]
     if "solver" not in skip:
-        bench_solver(shapes, backends, args.reps, log, rows)
+        bench_solver(shapes, backends, args.reps, log, rows, tiles, tile_shapes)
     if "hessian" not in skip:
-        bench_hessian(args.reps, log, hrows)
+        blocks = [int(v) for v in filter(None, args.hessian_blocks.split(","))] or [None]
+        nseq, seqlen = (int(v) for v in args.hessian_tokens.split("x"))
+        bench_hessian(args.reps, log, hrows, blocks, [int(v) for v in args.hessian_k.split(",")], nseq, seqlen)
 
     log("\n| W (out x in) | act-order | backend | solve (s) | compile (s) | factorisation (s) | reference (s) | speed-up |")
     log("|---|---|---|---|---|---|---|---|")

@@ -12,8 +12,10 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 __all__ = [
+    "divide",
     "minmax_params",
     "mse_params",
     "find_params",
@@ -21,6 +23,20 @@ __all__ = [
     "dequantize",
     "fake_quantize",
 ]
+
+
+def divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
+    """a / b, correctly rounded (IEEE), as torch computes it.
+
+    XLA's algebraic simplifier rewrites divisions in value-changing ways: `a / broadcast(b)` becomes
+    `a * broadcast(1 / b)` (one ulp off in about a quarter of cases) and `a / (b / c)` becomes `a * c / b` (which
+    turns the reference's 1 / fl(2/15) = 7.4999996 into exactly 7.5, a different rounding). Either moves codes that
+    sit near a rounding boundary. The divisor goes behind an optimization barrier, so XLA divides what it is given.
+    """
+    a = jnp.asarray(a)
+    b = jnp.asarray(b, a.dtype if jnp.issubdtype(a.dtype, jnp.floating) else jnp.float32)
+    shape = jnp.broadcast_shapes(a.shape, b.shape)
+    return a / lax.optimization_barrier(jnp.broadcast_to(b, shape))
 
 
 def _maxq_f32(maxq: int | jax.Array) -> jax.Array:
@@ -48,9 +64,9 @@ def _range(x: jax.Array, sym: bool | jax.Array) -> Tuple[jax.Array, jax.Array]:
 def _params_from_range(
     xmin: jax.Array, xmax: jax.Array, maxq: jax.Array, sym: bool | jax.Array
 ) -> Tuple[jax.Array, jax.Array]:
-    scale = (xmax - xmin) / maxq
+    scale = divide(xmax - xmin, maxq)
     zero_sym = jnp.broadcast_to((maxq + 1.0) / 2.0, scale.shape)
-    zero_asym = jnp.round(-xmin / scale)
+    zero_asym = jnp.round(divide(-xmin, scale))
     return scale, jnp.where(jnp.asarray(sym), zero_sym, zero_asym)
 
 
@@ -69,7 +85,7 @@ def minmax_params(
 
 def quantize(x: jax.Array, scale: jax.Array, zero: jax.Array, maxq: int | jax.Array) -> jax.Array:
     """Integer codes (as float32 values 0..maxq) of `x` with broadcastable `scale`, `zero`."""
-    return jnp.clip(jnp.round(x / scale) + zero, 0.0, _maxq_f32(maxq))
+    return jnp.clip(jnp.round(divide(x, scale)) + zero, 0.0, _maxq_f32(maxq))
 
 
 def dequantize(q: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Array:
@@ -110,8 +126,8 @@ def mse_params(
         p = ps[i]
         xmin1 = p * xmin
         xmax1 = p * xmax
-        scale1 = (xmax1 - xmin1) / maxq
-        zero1 = jnp.where(jnp.asarray(sym), sym_zero, jnp.round(-xmin1 / scale1))
+        scale1 = divide(xmax1 - xmin1, maxq)
+        zero1 = jnp.where(jnp.asarray(sym), sym_zero, jnp.round(divide(-xmin1, scale1)))
         q = fake_quantize(x, scale1[..., None], zero1[..., None], maxq)
         err = jnp.sum(jnp.abs(q - x) ** norm, axis=-1)
         better = err < best

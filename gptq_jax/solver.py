@@ -14,7 +14,8 @@ H (in_features, in_features), exactly as the reference `fasterquant` does:
    (which, as in the reference, lacks the current block's updates when a group starts mid-block);
 7. un-permute; g_idx per section 1.6.
 
-The sweep is one jitted program per (shape, static settings): a `fori_loop` over blocks, each block a `fori_loop`
+The sweep is one jitted program per (shape, group_size, block_size, mse, backend): bits, sym, desc_act and
+static_groups are traced values, so they share it. It is a `fori_loop` over blocks, each block a `fori_loop`
 over its columns (or, on GPU, one Pallas kernel per block that keeps the block in registers), and the trailing
 update W[:, i2:] -= Err1 @ U[i1:i2, i2:] as float32 GEMMs (precision HIGHEST) in column chunks. Internally the
 weight is held transposed (in_features, out_features) so that a column is a contiguous row.
@@ -41,7 +42,7 @@ import numpy as np
 from jax import lax
 
 from gptq_jax.config import QuantizeConfig
-from gptq_jax.quantizer import find_params
+from gptq_jax.quantizer import divide, find_params
 
 __all__ = [
     "GPTQResult",
@@ -123,8 +124,6 @@ def layer_output_error(W: jax.Array, Q: jax.Array, X: jax.Array) -> jax.Array:
 class _Spec(NamedTuple):
     group: int  # -1 = per channel
     block: int
-    static_groups: bool
-    desc_act: bool
     mse: float
     mse_grid: int
     mse_maxshrink: float
@@ -190,11 +189,11 @@ def _block_xla(W1T, S1T, Z1T, Hinv1, maxq):
         w = W1T[j]
         s = S1T[j]
         z = Z1T[j]
-        q = jnp.clip(jnp.round(w / s) + z, 0.0, maxq)
+        q = jnp.clip(jnp.round(divide(w, s)) + z, 0.0, maxq)
         diff = w - s * (q - z)
         d = Hinv1[j, j]
-        err = diff / d
-        loss = loss + diff * diff / (d * d)
+        err = divide(diff, d)
+        loss = loss + divide(diff * diff, d * d)
         # W1[:, j:] -= err (x) Hinv1[j, j:]  (Hinv1 is upper triangular: earlier columns get exact zeros)
         W1T = W1T - Hinv1[j][:, None] * err[None, :]
         codesT = codesT.at[j].set(q)
@@ -220,7 +219,7 @@ def _block_pallas(W1T, S1T, Z1T, Hinv1, maxq, *, tile_rows: int, num_warps: int,
     assert N % tm == 0, (N, tm)
 
     if interpret:
-        div = lambda a, b: a / b  # noqa: E731
+        div = divide
         rint = jnp.round
     else:
         from jax.experimental.pallas import triton as plt
@@ -292,11 +291,11 @@ def _block_pallas(W1T, S1T, Z1T, Hinv1, maxq, *, tile_rows: int, num_warps: int,
     return codesT, ErrT, loss
 
 
-def _block_xla_current(W1T, WT_start, U, i1, scalesT, zerosT, colgroup_blk, maxq, sym, spec: _Spec, G: int,
-                       ngroups: int):
+def _block_xla_current(W1T, WT_start, U, i1, scalesT, zerosT, colgroup_blk, maxq, sym, static, spec: _Spec,
+                       G: int, ngroups: int):
     """Column loop with group parameters from the CURRENT weights (option group_params="current"): at a group
     start inside the block, the group's columns are brought up to date with the block's errors so far
-    (W[:, i:i+G] - Err1[:, :j] @ U[i1:i1+j, i:i+G]) before the min-max. Dynamic groups only."""
+    (W[:, i:i+G] - Err1[:, :j] @ U[i1:i1+j, i:i+G]) before the min-max. Dynamic groups only (`static` traced)."""
     B, N = W1T.shape
 
     def body(j, carry):
@@ -313,15 +312,16 @@ def _block_xla_current(W1T, WT_start, U, i1, scalesT, zerosT, colgroup_blk, maxq
             return (lax.dynamic_update_slice(scalesT, sc[None], (g, 0)),
                     lax.dynamic_update_slice(zerosT, zr[None], (g, 0)))
 
-        scalesT, zerosT = lax.cond((i % G == 0) & (i < ngroups * G), fresh, lambda a: a, (scalesT, zerosT))
+        start = (i % G == 0) & (i < ngroups * G) & jnp.logical_not(static)
+        scalesT, zerosT = lax.cond(start, fresh, lambda a: a, (scalesT, zerosT))
         w = W1T[j]
         s = scalesT[g]
         z = zerosT[g]
-        q = jnp.clip(jnp.round(w / s) + z, 0.0, maxq)
+        q = jnp.clip(jnp.round(divide(w, s)) + z, 0.0, maxq)
         diff = w - s * (q - z)
         d = lax.dynamic_slice(U, (i, i), (1, 1))[0, 0]
-        err = diff / d
-        loss = loss + diff * diff / (d * d)
+        err = divide(diff, d)
+        loss = loss + divide(diff * diff, d * d)
         hrow = lax.dynamic_slice(U, (i, i1), (1, B))[0]
         W1T = W1T - hrow[:, None] * err[None, :]
         codesT = codesT.at[j].set(q)
@@ -339,8 +339,10 @@ def _block_xla_current(W1T, WT_start, U, i1, scalesT, zerosT, colgroup_blk, maxq
 # ----------------------------------------------------------------------------------------------------------------
 @partial(jax.jit, static_argnames=("spec",))
 def _sweep(W: jax.Array, Wz: jax.Array, U: jax.Array, perm: jax.Array, maxq: jax.Array, sym: jax.Array,
-           spec: _Spec):
-    """W, Wz (N, K): original and dead-zeroed weight; U (K, K): upper factor in PERMUTED order; perm (K,).
+           act: jax.Array, static: jax.Array, spec: _Spec):
+    """W, Wz (N, K): original and dead-zeroed weight; U (K, K): upper factor in PERMUTED order; perm (K,) (identity
+    without act-order). maxq, sym, act (desc_act), static (static_groups) are traced: one program serves every
+    bits / sym / desc_act / static_groups setting of a (shape, group_size, block_size, mse, backend).
 
     Returns codes (N, K) uint8 original order, scales (N, ngroups), zeros (N, ngroups) int32, g_idx (K,),
     weight (N, K), loss per row (N,) (not yet halved).
@@ -352,50 +354,47 @@ def _sweep(W: jax.Array, Wz: jax.Array, U: jax.Array, perm: jax.Array, maxq: jax
     perchannel = spec.group == -1
     G = K if perchannel else spec.group
     ngroups = 1 if perchannel else -(-K // G)
-    static = (not perchannel) and spec.static_groups
-    dynamic = not perchannel and not static
     Kw = max(Kp, ngroups * G)
     use_pallas = spec.backend.startswith("pallas") and spec.group_params == "reference"
     Np = -(-N // spec.tile_rows) * spec.tile_rows if use_pallas else N
+    static = jnp.asarray(static) & (not perchannel)
 
     iperm = jnp.argsort(perm)
-    WpT = (Wz[:, perm] if spec.desc_act else Wz).T  # (K, N) permuted columns as rows
+    WpT = Wz[:, perm].T  # (K, N): permuted columns as rows
     WT = jnp.zeros((Kw, Np), jnp.float32).at[:K, :N].set(WpT)
     # (Kp, Kw): identity on the padded columns up to Kp (they stay exactly zero), zero beyond.
     Up = jnp.eye(Kp, Kw, dtype=jnp.float32).at[:K, :K].set(U)
 
-    # Group parameters, transposed: (ngroups, Np).
+    # Group parameters, transposed: (ngroups, Np); colgroup: the group of each permuted column.
     if perchannel:
         sc, zr = _find(W, maxq, sym, spec)  # from the ORIGINAL W (before dead zeroing), step 1
         scalesT = jnp.ones((1, Np), jnp.float32).at[0, :N].set(sc)
         zerosT = jnp.zeros((1, Np), jnp.float32).at[0, :N].set(zr)
         colgroup = jnp.zeros((Kp,), jnp.int32)
-    elif static:
+    else:
+        # static groups (step 3): one quantizer per contiguous block of ORIGINAL columns, before the sweep
         Wg = jnp.zeros((N, ngroups * G), jnp.float32).at[:, :K].set(Wz).reshape(N, ngroups, G)
         sc, zr = _find(Wg, maxq, sym, spec)  # (N, ngroups)
-        scalesT = jnp.ones((ngroups, Np), jnp.float32).at[:, :N].set(sc.T)
-        zerosT = jnp.zeros((ngroups, Np), jnp.float32).at[:, :N].set(zr.T)
-        src = perm if spec.desc_act else jnp.arange(K)
-        colgroup = jnp.full((Kp,), ngroups - 1, jnp.int32).at[:K].set((src // G).astype(jnp.int32))
-    else:
-        scalesT = jnp.ones((ngroups, Np), jnp.float32)
-        zerosT = jnp.zeros((ngroups, Np), jnp.float32)
-        colgroup = jnp.minimum(jnp.arange(Kp) // G, ngroups - 1).astype(jnp.int32)
+        scalesT = jnp.ones((ngroups, Np), jnp.float32).at[:, :N].set(jnp.where(static, sc.T, 1.0))
+        zerosT = jnp.zeros((ngroups, Np), jnp.float32).at[:, :N].set(jnp.where(static, zr.T, 0.0))
+        by_position = jnp.arange(K, dtype=jnp.int32) // G  # dynamic: groups of G in processing order
+        by_origin = (perm // G).astype(jnp.int32)  # static: the group of the original column
+        colgroup = jnp.full((Kp,), ngroups - 1, jnp.int32).at[:K].set(jnp.where(static, by_origin, by_position))
 
-    M = -(-B // G) if dynamic else 0  # group starts per block, at most
+    M = 0 if perchannel else -(-B // G)  # group starts per block, at most
     C = min(Kp, max(B, (spec.chunk // B) * B))
 
     def block_body(b, carry):
         WT, scalesT, zerosT, codesT, loss = carry
         i1 = b * B
         i2 = i1 + B
-        if dynamic and spec.group_params == "reference":
-            # Reference semantics: params of every group starting in [i1, i2) come from the global W, which has
-            # all previous blocks' updates and none of this block's (section 2.2 step 7 quirk).
+        if not perchannel and spec.group_params == "reference":
+            # Reference semantics (dynamic groups): params of every group starting in [i1, i2) come from the global
+            # W, which has all previous blocks' updates and none of this block's (section 2.2 step 7 quirk).
             g_first = (i1 + G - 1) // G
             for s in range(M):
                 g = g_first + s
-                valid = (g * G < i2) & (g < ngroups)
+                valid = (g * G < i2) & (g < ngroups) & jnp.logical_not(static)
                 gi = jnp.minimum(g, ngroups - 1)
                 start = jnp.minimum(g * G, Kw - G)
                 cols = lax.dynamic_slice(WT, (start, 0), (G, Np))
@@ -406,9 +405,9 @@ def _sweep(W: jax.Array, Wz: jax.Array, U: jax.Array, perm: jax.Array, maxq: jax
                 zerosT = lax.dynamic_update_slice(zerosT, jnp.where(valid, zr, old_z)[None], (gi, 0))
         cg = lax.dynamic_slice(colgroup, (i1,), (B,))
         W1T = lax.dynamic_slice(WT, (i1, 0), (B, Np))
-        if dynamic and spec.group_params == "current":
+        if not perchannel and spec.group_params == "current":
             codes1T, Err1T, l1, scalesT, zerosT = _block_xla_current(
-                W1T, WT, Up, i1, scalesT, zerosT, cg, maxq, sym, spec, G, ngroups)
+                W1T, WT, Up, i1, scalesT, zerosT, cg, maxq, sym, static, spec, G, ngroups)
         else:
             S1T = jnp.take(scalesT, cg, axis=0)
             Z1T = jnp.take(zerosT, cg, axis=0)
@@ -442,33 +441,31 @@ def _sweep(W: jax.Array, Wz: jax.Array, U: jax.Array, perm: jax.Array, maxq: jax
     loss = jnp.zeros((Np,), jnp.float32)
     _, scalesT, zerosT, codesT, loss = lax.fori_loop(0, nblocks, block_body, (WT, scalesT, zerosT, codesT, loss))
 
-    codes_p = codesT[:K, :N]  # (K, N), permuted order
-    codes = (codes_p[iperm] if spec.desc_act else codes_p).T
+    codes = codesT[:K, :N][iperm].T  # back to the original column order
     scales = scalesT[:, :N].T
     zeros = zerosT[:, :N].T.astype(jnp.int32)
     if perchannel:
         g_idx = jnp.zeros((K,), jnp.int32)
-    elif dynamic and spec.desc_act:
-        g_idx = (jnp.arange(K, dtype=jnp.int32) // G)[iperm]
     else:
-        g_idx = jnp.arange(K, dtype=jnp.int32) // G
+        # section 1.6: act-order with dynamic groups -> g_idx[perm[i]] = i // G; otherwise k // G
+        by_col = jnp.arange(K, dtype=jnp.int32) // G
+        g_idx = jnp.where(jnp.asarray(act) & jnp.logical_not(static), by_col[iperm], by_col)
     weight = dequantize_result(codes, scales, zeros, g_idx)
     return codes, scales, zeros, g_idx, weight, loss[:N]
 
 
-@partial(jax.jit, static_argnames=("desc_act",))
-def _prepare(W: jax.Array, H: jax.Array, desc_act: bool):
-    """Dead inputs (section 2.2 step 2) and the act-order permutation (step 4). Returns (Wz, Hp, perm)."""
+@jax.jit
+def _prepare(W: jax.Array, H: jax.Array, act: jax.Array):
+    """Dead inputs (section 2.2 step 2) and the act-order permutation (step 4; identity unless `act`).
+    Returns (Wz, Hp, perm)."""
     diag = jnp.diagonal(H)
     dead = diag == 0
     idx = jnp.arange(H.shape[0])
     H = H.at[idx, idx].set(jnp.where(dead, 1.0, diag))
     Wz = jnp.where(dead[None, :], 0.0, W)
-    if desc_act:
-        perm = jnp.argsort(-jnp.diagonal(H), stable=True).astype(jnp.int32)
-        H = H[perm][:, perm]
-    else:
-        perm = jnp.arange(H.shape[0], dtype=jnp.int32)
+    # argsort(diag, descending), stable (torch's is not: ties may order differently, section 2.2 step 4)
+    perm = jnp.where(act, jnp.argsort(-jnp.diagonal(H), stable=True), idx).astype(jnp.int32)
+    H = H[perm][:, perm]
     return Wz, H, perm
 
 
@@ -487,7 +484,7 @@ def _rtn_core(W: jax.Array, Wz: jax.Array, maxq, sym, group: int, mse: float, ms
         g_idx = jnp.arange(K, dtype=jnp.int32) // group
     s = jnp.take(scales, g_idx, axis=1)
     z = jnp.take(zeros, g_idx, axis=1)
-    codes = jnp.clip(jnp.round(Wz / s) + z, 0.0, maxq)
+    codes = jnp.clip(jnp.round(divide(Wz, s)) + z, 0.0, maxq)
     codes_u8 = codes.astype(jnp.uint8)
     zeros_i = zeros.astype(jnp.int32)
     weight = dequantize_result(codes_u8, scales, zeros_i, g_idx)
@@ -579,7 +576,7 @@ def _solve(W, H, config: QuantizeConfig, *, backend, on_nonfinite, hinv_method, 
     if backend.startswith("pallas") and (B & (B - 1)) != 0:
         backend = "xla"  # the Triton kernel needs a power-of-two block
 
-    Wz, Hp, perm = _prepare(W, H, config.desc_act)
+    Wz, Hp, perm = _prepare(W, H, jnp.asarray(config.desc_act))
     U, damp, floor, attempts = _factorise(Hp, config, hinv_method, name)
     maxq = jnp.float32(config.maxq)
     sym = jnp.asarray(config.sym)
@@ -590,10 +587,10 @@ def _solve(W, H, config: QuantizeConfig, *, backend, on_nonfinite, hinv_method, 
         return (codes, scales, zeros, g_idx, None, weight, loss_rows), (0.0, 0.0, attempts, True, bad)
 
     spec = _Spec(
-        group=config.group_size, block=B, static_groups=config.static_groups, desc_act=config.desc_act,
-        mse=float(config.mse), mse_grid=config.mse_grid, mse_maxshrink=float(config.mse_maxshrink),
+        group=config.group_size, block=B, mse=float(config.mse), mse_grid=config.mse_grid, mse_maxshrink=float(config.mse_maxshrink),
         backend=backend, group_params=group_params, chunk=chunk, tile_rows=tile_rows, num_warps=num_warps)
-    codes, scales, zeros, g_idx, weight, loss_rows = _sweep(W, Wz, U, perm, maxq, sym, spec)
+    codes, scales, zeros, g_idx, weight, loss_rows = _sweep(
+        W, Wz, U, perm, maxq, sym, jnp.asarray(config.desc_act), jnp.asarray(config.static_groups), spec)
     return (codes, scales, zeros, g_idx, perm if config.desc_act else None, weight, loss_rows), (
         float(damp), float(floor), attempts, False, bad)
 

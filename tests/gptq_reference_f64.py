@@ -98,10 +98,14 @@ def hessian(batches) -> tuple[np.ndarray, int]:
 
 def gptq(W, H, *, bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool,
          damp_percent: float = 0.01, block_size: int = 128, mse: float = 0.0, prefer_codes=None,
-         tie_tol: float = 0.0):
+         tie_tol: float = 0.0, group_params: str = "reference"):
     """Section 2.2 in float64. Returns dict(codes (N, K) original order, scales (N, ngroups), zeros (N, ngroups),
     g_idx (K,), perm (K,), Q (N, K) dequantized, loss, ties: how many tie decisions took `prefer_codes`
-    (codes (N, K) in original column order, see quantize_codes))."""
+    (codes (N, K) in original column order, see quantize_codes)).
+
+    group_params="current": dynamic group parameters come from the fully updated weights (an eagerly updated copy
+    of W), instead of the reference's global W that lacks the current block's updates.
+    """
     W = np.array(W, np.float64)
     H = np.array(H, np.float64)
     N, K = W.shape
@@ -139,6 +143,7 @@ def gptq(W, H, *, bits: int, group_size: int, sym: bool, desc_act: bool, static_
     Q = np.zeros((N, K))
     losses = np.zeros((N, K))
     ties = 0
+    W_eager = W.copy()  # every column update applied at once (mathematically what the lazy blocks compute)
     dyn = {}  # group index (permuted order) -> (scale, zero)
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
@@ -156,7 +161,8 @@ def gptq(W, H, *, bits: int, group_size: int, sym: bool, desc_act: bool, static_
             else:
                 if col % group_size == 0:
                     # from the global W: previous blocks' updates only (the reference's quirk)
-                    dyn[col // group_size] = params(W[:, col:col + group_size])
+                    src = W if group_params == "reference" else W_eager
+                    dyn[col // group_size] = params(src[:, col:col + group_size])
                 scale, zero = dyn[col // group_size]
             pref = None if prefer_codes is None else np.asarray(prefer_codes, np.float64)[:, perm[col]]
             q = quantize_codes(w, scale, zero, bits, pref, tie_tol)
@@ -168,6 +174,7 @@ def gptq(W, H, *, bits: int, group_size: int, sym: bool, desc_act: bool, static_
             losses[:, col] = (w - deq) ** 2 / d**2 / 2
             err = (w - deq) / d
             W1[:, i:] -= np.outer(err, Hinv1[i, i:])
+            W_eager[:, col:] -= np.outer(err, U[col, col:])
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
