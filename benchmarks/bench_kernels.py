@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels import gptq_layout as L  # noqa: E402
-from pallas_kernels import gptq_matmul as G  # noqa: E402
+from pallas_kernels import matmul as G  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 2048]
@@ -231,30 +231,28 @@ def variants_for(k, n, m):
     """(label, KernelConfig | None (dequantize+dot) | ("load", ...)) to try for one shape and M."""
     v = []
     KC = G.KernelConfig
-    if m == 1:
-        for bn, w, prog, u in [(256, 4, 264, 1), (256, 8, 1056, 1), (256, 4, 1056, 4), (256, 8, 1056, 4),
-                               (512, 8, 528, 2), (128, 4, 2112, 4)]:
-            v.append((f"load bn={bn} w={w} P={prog} U={u}", ("load", bn, w, prog, u)))
     if m <= 2:
-        for w, u, prog in [(4, 1, 528), (8, 1, 1056), (4, 2, 1056), (8, 2, 1056), (4, 4, 1056), (8, 4, 528),
-                           (8, 4, 2112)]:
-            v.append(("fma", KC(mode="fma", block_m=m, block_n=256, num_warps=w, convert="pos", steps_per_iter=u,
+        for bn, w, u, prog in [(256, 8, 1, 1056), (256, 8, 1, 2112), (128, 4, 1, 2112)]:
+            v.append(("fma", KC(mode="fma", block_m=m, block_n=bn, num_warps=w, convert="pos", steps_per_iter=u,
                                 split_k=prog)))
     if m <= 16:
-        for bn, w, u, prog, conv in [(256, 4, 1, 264, "asm"), (128, 4, 1, 528, "asm"), (128, 4, 2, 528, "asm"),
-                                     (256, 4, 2, 528, "asm"), (256, 4, 4, 1056, "asm"), (128, 4, 4, 1056, "asm"),
-                                     (256, 8, 2, 528, "asm"), (128, 4, 2, 1056, "magic16"),
-                                     (256, 4, 2, 528, "magic16")]:
-            v.append(("dot", KC(block_m=16, block_n=bn, num_warps=w, convert=conv, steps_per_iter=u, split_k=prog)))
+        for bn, w, u, prog in [(128, 4, 1, 528), (128, 4, 2, 1056), (256, 4, 1, 528), (256, 4, 2, 1056),
+                               (128, 4, 1, 1056), (64, 4, 1, 1056)]:
+            if m == 1 and (bn, u) in ((128, 1), (64, 1)) and prog == 1056:
+                continue
+            v.append(("dot", KC(block_m=16, block_n=bn, num_warps=w, convert="asm", steps_per_iter=u, split_k=prog)))
     if m == 64:
-        for bm, bn, w, u, prog in [(64, 64, 4, 1, 264), (64, 128, 4, 1, 264), (64, 128, 8, 2, 264),
-                                   (64, 128, 4, 2, 528), (32, 128, 4, 2, 528), (64, 256, 8, 1, 264)]:
+        for bm, bn, w, u, prog in [(64, 64, 4, 1, 264), (64, 128, 4, 1, 264), (64, 128, 8, 1, 264),
+                                   (32, 128, 4, 1, 528), (64, 128, 4, 1, 528)]:
             v.append(("dot", KC(block_m=bm, block_n=bn, num_warps=w, convert="asm", steps_per_iter=u, split_k=prog)))
         v.append(("deq+dot", None))
-    if m >= 256:
-        for bm, bn, w, u, prog in [(64, 128, 4, 1, 132), (64, 256, 8, 1, 132), (128, 128, 8, 1, 132),
-                                   (128, 256, 8, 1, 132)]:
-            v.append(("dot", KC(block_m=bm, block_n=bn, num_warps=w, convert="asm", steps_per_iter=u, split_k=prog)))
+    if m == 256:
+        for bm, bn, w in [(64, 128, 4), (64, 128, 8), (128, 128, 8), (64, 256, 8)]:
+            v.append(("dot", KC(block_m=bm, block_n=bn, num_warps=w, convert="asm", split_k=132)))
+        v.append(("deq+dot", None))
+    if m >= 1024:
+        for bm, bn, w in [(128, 128, 8), (128, 256, 8), (64, 256, 8)]:
+            v.append(("dot", KC(block_m=bm, block_n=bn, num_warps=w, convert="asm", split_k=1)))
         v.append(("deq+dot", None))
     return v
 

@@ -267,11 +267,18 @@ def zero_point(bits: int) -> float:
 def dequantize(w: GPTQWeight) -> jax.Array:
     """XLA reference: kernel layout -> dense W (Kp, Np) float32 in kernel row order (padding rows/cols included)."""
     codes = unpack_codes(w).astype(jnp.float32)
-    kp = w.k_pad
-    g = jnp.zeros((kp,), jnp.int32) if w.group_size == -1 else jnp.arange(kp, dtype=jnp.int32) // w.group_size
-    s = w.scales.astype(jnp.float32)[g]
-    z = zero_point(w.bits) if w.zeros is None else w.zeros.astype(jnp.float32)[g]
-    return s * (codes - z)
+    kp, np_ = w.k_pad, w.n_pad
+    gs = kp if w.group_size == -1 else w.group_size
+    gp = w.scales.shape[0]
+    sc = w.scales.astype(jnp.float32)
+    zc = None if w.zeros is None else w.zeros.astype(jnp.float32)
+    if gp * gs == kp:  # groups tile K: broadcast (one fused elementwise pass in XLA, no gather)
+        c = codes.reshape(gp, gs, np_)
+        z = zero_point(w.bits) if zc is None else zc[:, None, :]
+        return (sc[:, None, :] * (c - z)).reshape(kp, np_)
+    g = jnp.arange(kp, dtype=jnp.int32) // gs
+    z = zero_point(w.bits) if zc is None else zc[g]
+    return sc[g] * (codes - z)
 
 
 def prepare(

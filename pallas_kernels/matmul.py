@@ -208,18 +208,64 @@ def _asm_fields(words: jax.Array, bits: int, dtype) -> list[jax.Array]:
         lines.append(f"{sub} t, t, m;")
         lines.append(f"mov.b32 {{${j}, ${j + half}}}, t;")
     lines.append("}")
-    outs = plgpu.elementwise_inline_asm(
+    outs = _inline_asm_multi(
         "\n".join(lines),
-        args=[words],
+        words,
         constraints=",".join(["=h"] * per + ["r"]),
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, dtype)] * per,
+        result_shape_dtypes=(jax.ShapeDtypeStruct(words.shape, dtype),) * per,
     )
     return list(outs)
 
 
+def _make_inline_asm_multi():
+    """A multi-result elementwise inline-asm primitive for the Triton lowering.
+
+    JAX's `plgpu.elementwise_inline_asm` (0.10/0.11) wraps the op's result *list* as a single value, so it fails
+    for more than one result ("... outvars do not match 1 outvals"); this private primitive returns each result.
+    Returns None if JAX's internals are not as expected (then "asm" falls back to "magic16").
+    """
+    try:
+        from jax._src import core as jax_core
+        from jax._src.interpreters import mlir
+        from jax._src.lib.triton import dialect as tt_dialect
+        from jax._src.pallas.triton import lowering as tlow
+    except ImportError:  # pragma: no cover - depends on the JAX version
+        return None
+
+    prim = jax_core.Primitive("gptq_inline_asm_multi")
+    prim.multiple_results = True
+
+    @prim.def_abstract_eval
+    def _abstract(*avals, asm, constraints, result_shape_dtypes):
+        del avals, asm, constraints
+        return [jax_core.ShapedArray(r.shape, r.dtype) for r in result_shape_dtypes]
+
+    @tlow.register_lowering(prim)
+    def _lower(ctx, *args, asm, constraints, result_shape_dtypes):
+        del result_shape_dtypes
+        res = tt_dialect.elementwise_inline_asm(
+            [mlir.aval_to_ir_type(ctx.context.mlir_ctx, aval) for aval in ctx.avals_out],
+            asm,
+            constraints=constraints,
+            pure=True,
+            packed_element=1,
+            args=list(args),
+        )
+        if len(ctx.avals_out) == 1:
+            return [res]
+        return list(res)
+
+    def bind(asm, *args, constraints, result_shape_dtypes):
+        return prim.bind(*args, asm=asm, constraints=constraints, result_shape_dtypes=tuple(result_shape_dtypes))
+
+    return bind
+
+
+_inline_asm_multi = _make_inline_asm_multi()
+
+
 def _asm_ok(st: _Static, dtype) -> bool:
-    if st.cfg.convert != "asm" or st.bits == 3:
+    if st.cfg.convert != "asm" or st.bits == 3 or _inline_asm_multi is None:
         return False
     return dtype == jnp.float16 or st.bits in (2, 4)
 

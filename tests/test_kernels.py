@@ -1,0 +1,298 @@
+"""GPTQ dequant-matmul kernels: Pallas kernel (interpret mode on CPU, compiled on a GPU), XLA references and the
+dispatcher, against a float64 NumPy dequantization (converters.packing, written from reference 1.2-1.4).
+
+Inputs are packed with converters.packing.pack_gptq_layer (the project's AutoGPTQ packer). Every kernel run
+pre-fills its output buffer with NaN (poison=True), so an unwritten tile fails.
+
+Tolerance (as GPTQModel's kernel tests: relative to the output scale): max |y - y64| / max |y64| <= 1e-2 for
+float16 and bfloat16 activations (measured: ~5e-4 fp16, ~3e-3 bf16; the error is the final rounding of the
+output to the activation dtype), plus ||y - y64|| / ||y64|| <= 2e-3 (fp16) / 1e-2 (bf16).
+
+On a CUDA GPU (jax.default_backend() == "gpu") the same tests run the compiled kernels: this file is the GPU
+correctness suite (tests/gpu/run_gpu_tests.sh).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from converters import packing
+from pallas_kernels import KernelConfig, gptq_linear, prepare
+from pallas_kernels import dispatch as D
+from pallas_kernels import gptq_layout as L
+from pallas_kernels import matmul as G
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+DTYPES = {"fp16": jnp.float16, "bf16": jnp.bfloat16}
+TOL_MAX = 1e-2
+TOL_NORM = {"fp16": 2e-3, "bf16": 1e-2}
+
+
+def make_layer(seed: int, bits: int, k: int, n: int, group: int, sym: bool, act: bool, fmt: str = "gptq"):
+    """Random quantized layer packed by converters.packing -> (AutoGPTQ tensors, W64 (K, N) float64)."""
+    rng = np.random.default_rng(seed)
+    gs = k if group == -1 else group
+    ng = -(-k // gs)
+    codes = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
+    scales = rng.uniform(0.002, 0.02, (n, ng)).astype(np.float16)
+    if sym:
+        zeros = np.full((n, ng), 1 << (bits - 1))
+    else:  # v1 cannot store a zero point of 0 (reference 1.4): draw from [1, 2^b) there
+        zeros = rng.integers(1 if fmt == "gptq" else 0, 1 << bits, (n, ng))
+    g_idx = np.arange(k) // gs
+    if act:  # act-order: groups are assigned in a permuted column order (reference 1.6)
+        perm = rng.permutation(k)
+        g_idx = np.empty(k, np.int64)
+        g_idx[perm] = np.arange(k) // gs
+    t = packing.pack_gptq_layer(codes, scales, zeros, g_idx, bits, fmt)
+    w64 = packing.dequantize_gptq_layer(t, bits, fmt, np.float64).T  # (K, N)
+    return t, w64
+
+
+def prep(t, bits, fmt="gptq"):
+    return prepare(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=bits, checkpoint_format=fmt)
+
+
+def check(y, x, w64, dtype_name, bias=None):
+    y = np.asarray(jnp.asarray(y).astype(jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64) @ w64
+    if bias is not None:
+        ref = ref + np.asarray(jnp.asarray(bias).astype(jnp.float32), np.float64)
+    assert y.shape == ref.shape
+    assert not np.isnan(y).any(), f"{np.isnan(y).sum()} NaN outputs: unwritten tiles (poisoned buffer)"
+    scale = np.abs(ref).max()
+    err_max = np.abs(y - ref).max() / scale
+    err_norm = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+    assert err_max <= TOL_MAX, f"max error {err_max:.2e} of the output scale"
+    assert err_norm <= TOL_NORM[dtype_name], f"relative norm error {err_norm:.2e}"
+
+
+def rand_x(seed, m, k, dtype):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((m, k)), dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# XLA references vs float64 (cheap: the broad matrix, every format)
+
+REF_CASES = list(itertools.product((2, 3, 4, 8), (-1, 32, 64, 128), (True, False), (False, True)))
+
+
+@pytest.mark.parametrize(
+    "bits,group,sym,act", REF_CASES, ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'seq'}" for b, g, s, a in REF_CASES]
+)
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_reference_dequantization_exact(bits, group, sym, act, fmt):
+    """Both XLA dequantizations (AutoGPTQ layout, kernel layout) equal the float64 one exactly (fp16 scale times
+    a small integer is exact in float32)."""
+    k, n = (576, 64) if group != 32 else (1536, 32)
+    t, w64 = make_layer(1, bits, k, n, group, sym, act, fmt)
+    d_auto = np.asarray(L.dequantize_autogptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=bits,
+                                              checkpoint_format=fmt))
+    np.testing.assert_array_equal(d_auto, w64)
+    w = prep(t, bits, fmt)
+    assert w.symmetric == sym
+    assert (w.perm is not None) == (act and group != -1)  # one group: nothing to reorder
+    perm = np.arange(k) if w.perm is None else np.asarray(w.perm)
+    d_kernel = np.asarray(L.dequantize(w))
+    np.testing.assert_array_equal(d_kernel[:k, :n], w64[perm])
+    # padding: zero codes (and x is zero or masked there); N padded to N_ALIGN
+    assert w.k_pad % L.STEP_ROWS[bits] == 0 and w.n_pad % L.N_ALIGN == 0
+
+
+@pytest.mark.parametrize("k", [576, 1536, 4096, 11008])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_reference_matmul_large_k(k, bits):
+    """XLA reference matmul (kernel layout, act-order, asym) vs float64 at the required K values."""
+    t, w64 = make_layer(k + bits, bits, k, 32, 128, False, True, "gptq_v2")
+    w = prep(t, bits, "gptq_v2")
+    x = rand_x(0, 3, k, jnp.float16)
+    check(G.reference(x, w), x, w64, "fp16")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the Pallas kernel: every bits/group/sym/act-order combination once, cycling dtype, M, mode and config
+
+KERNEL_CONFIGS = [
+    ("fma-pos", KernelConfig(mode="fma", block_m=1, convert="pos", split_k=3)),
+    ("dot-magic", KernelConfig(mode="dot", block_m=16, block_n=64, convert="magic", split_k=2)),
+    ("fma-shift", KernelConfig(mode="fma", block_m=4, convert="shift", block_n=32)),
+    # "asm" is inline PTX on a GPU; the interpreter runs its jnp equivalent (magic16 for fp16, magic for bf16)
+    ("dot-asm", KernelConfig(mode="dot", block_m=16, block_n=128, convert="asm", steps_per_iter=2)),
+    ("dot-cvt", KernelConfig(mode="dot", block_m=32, block_n=32, convert="cvt", split_k=4)),
+]
+MS_FOR = {"fma-pos": [1, 2], "fma-shift": [3], "dot-magic": [1, 16], "dot-asm": [3, 16], "dot-cvt": [64]}
+KERNEL = jax.jit(G.gptq_matmul, static_argnames=("config", "interpret", "out_dtype", "poison"))
+
+
+def _combo_config(i: int, bits: int) -> str:
+    """Config for the i-th (group, sym, act) combination of a bit width. 2/3-bit words hold 16/32 fields, whose
+    dot-mode bodies take the interpreter ~10 s each to compile: there, 3 of 16 combinations use dot mode."""
+    names = [n for n, _ in KERNEL_CONFIGS]
+    if bits in (2, 3):
+        return {0: "dot-magic", 7: "dot-asm", 13: "dot-cvt"}.get(i, ("fma-pos", "fma-shift")[i % 2])
+    return names[(i + bits) % len(names)]
+
+
+COMBO_CASES = []
+for i, (bits, group, sym, act) in enumerate(REF_CASES):
+    name = _combo_config(i % 16, bits)
+    ms = MS_FOR[name]
+    COMBO_CASES.append((bits, group, sym, act, name, ms[(i // 5) % len(ms)], ("fp16", "bf16")[(i + i // 16) % 2]))
+
+
+@pytest.mark.parametrize(
+    "bits,group,sym,act,cfg_name,m,dtype",
+    COMBO_CASES,
+    ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}-{'act' if a else 'seq'}-{c}-m{m}-{d}" for b, g, s, a, c, m, d in COMBO_CASES],
+)
+def test_kernel_combinations(bits, group, sym, act, cfg_name, m, dtype):
+    k, n = 576, 96  # K not a multiple of any step (576 = 4.5 x 128), N not a multiple of 64 or 128
+    if group == 32 and bits == 3:
+        k = 1024
+    t, w64 = make_layer(7 * bits + group, bits, k, n, group, sym, act, "gptq_v2" if not sym else "gptq")
+    w = prep(t, bits, "gptq_v2" if not sym else "gptq")
+    cfg = dict(KERNEL_CONFIGS)[cfg_name]
+    x = rand_x(m, m, k, DTYPES[dtype])
+    bias = jnp.asarray(np.random.default_rng(3).standard_normal(n) * 0.1, jnp.float16) if act else None
+    y = KERNEL(x, w, bias, config=cfg, interpret=INTERPRET, poison=True)
+    assert y.dtype == x.dtype and y.shape == (m, n)
+    check(y, x, w64, dtype, bias)
+
+
+# required K and M values, both dtypes (small N for big K keeps the interpreter fast)
+SHAPE_CASES = [
+    (576, 160, 1, "fma-pos"),
+    (1536, 96, 3, "fma-shift"),
+    (4096, 32, 16, "dot-magic"),
+    (11008, 32, 1, "fma-pos"),
+    (11008, 32, 64, "dot-cvt"),
+    (1536, 160, 300, "dot-asm"),
+    (576, 96, 300, "dot-cvt"),
+]
+
+
+@pytest.mark.parametrize("k,n,m,cfg_name", SHAPE_CASES, ids=[f"k{k}-n{n}-m{m}-{c}" for k, n, m, c in SHAPE_CASES])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_kernel_shapes(k, n, m, cfg_name, dtype):
+    t, w64 = make_layer(k + m, 4, k, n, 128, False, True, "gptq_v2")
+    w = prep(t, 4, "gptq_v2")
+    x = rand_x(k + m, m, k, DTYPES[dtype])
+    check(KERNEL(x, w, config=dict(KERNEL_CONFIGS)[cfg_name], interpret=INTERPRET, poison=True), x, w64, dtype)
+
+
+def test_poison_detects_unwritten_tiles():
+    """The poison check can fail: a kernel whose grid skips the last N tile leaves NaN there."""
+    t, w64 = make_layer(5, 4, 256, 256, 128, True, False)
+    w = prep(t, 4)
+    x = rand_x(0, 2, 256, jnp.float16)
+    y = G.gptq_matmul(x, w, config=KernelConfig(block_n=128), interpret=INTERPRET, poison=True)
+    check(y, x, w64, "fp16")
+    # a grid that covers only the first of the two N tiles leaves the poison (NaN) in the second
+    y_cut = _call_with_grid_cut(x, w)
+    assert np.isnan(np.asarray(y_cut)[:, 128:]).all()
+
+
+def _call_with_grid_cut(x, w):
+    """Run the kernel with a grid that covers only the first N tile (white-box check of the poison)."""
+    import functools
+
+    from jax.experimental import pallas as pl
+
+    cfg = KernelConfig(block_n=128)
+    st = G._Static(bits=4, group_size=w.group_size, m=x.shape[0], k=x.shape[1], n=w.out_features,
+                   steps=w.num_steps, splits=1, has_zeros=False, has_bias=False, partial=False, mask_k=False,
+                   mask_m=True, mask_n=False, cfg=cfg)
+    xp = jnp.pad(x, ((0, 16 - x.shape[0]), (0, 0)))
+    out = jax.ShapeDtypeStruct((16, w.n_pad), x.dtype)
+    poison = jnp.full(out.shape, jnp.nan, x.dtype)
+    call = pl.pallas_call(functools.partial(G._kernel, st=st), out_shape=out, grid=(1, 1, 1),
+                          input_output_aliases={3: 0}, interpret=INTERPRET,
+                          compiler_params=None if INTERPRET else G.compiler_params(4, 3))
+    return call(xp, *w.planes, w.scales, poison)[: x.shape[0]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dispatcher
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret"] + (["pallas"] if ON_GPU else []))
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_gptq_linear_dispatch(backend, m):
+    """gptq_linear: leading dims, bias, dtype; every backend agrees with float64."""
+    t, w64 = make_layer(11, 4, 1536, 160, 64, False, True, "gptq_v2")
+    t["bias"] = (np.random.default_rng(2).standard_normal(160) * 0.1).astype(np.float16)
+    w = prep(t, 4, "gptq_v2")
+    x = rand_x(m, m, 1536, jnp.bfloat16)
+    x3 = x.reshape(1, m, 1536)
+    y = gptq_linear(x3, w, jnp.asarray(t["bias"]), backend=backend)
+    assert y.shape == (1, m, 160) and y.dtype == jnp.bfloat16
+    check(y.reshape(m, 160), x, w64, "bf16", t["bias"])
+
+
+def test_dispatch_choices():
+    """The tuning table gives a valid config for every M, and the prefill path for very large M."""
+    t, _ = make_layer(0, 4, 4096, 4096, 128, True, False)
+    w = prep(t, 4)
+    for m in [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 2048]:
+        cfg = D.choose_config(w, m)
+        if cfg is not None:
+            assert w.n_pad % cfg.block_n == 0
+            assert cfg.split_k <= w.num_steps
+    assert D.choose_config(w, 1) is not None
+
+
+def test_float32_input_uses_reference():
+    t, w64 = make_layer(3, 4, 576, 96, 128, True, False)
+    w = prep(t, 4)
+    x = rand_x(0, 2, 576, jnp.float32)
+    y = gptq_linear(x, w)
+    assert y.dtype == jnp.float32
+    ref = np.asarray(x, np.float64) @ w64
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_prepare_errors():
+    t, _ = make_layer(0, 4, 576, 64, 128, True, False)
+    with pytest.raises(ValueError, match="bits=5"):
+        prepare(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=5)
+    with pytest.raises(ValueError, match="checkpoint_format"):
+        prepare(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4, checkpoint_format="gptq_v3")
+    with pytest.raises(ValueError, match="qzeros"):
+        prepare(t["qweight"], t["qzeros"][:, :4], t["scales"], t["g_idx"], bits=4)
+    with pytest.raises(ValueError, match="g_idx must have shape"):
+        prepare(t["qweight"], t["qzeros"], t["scales"], t["g_idx"][:10], bits=4)
+    bad = np.array(t["g_idx"]).copy()
+    bad[:200] = 0  # group 0 now holds 200 rows, group 1 only 56
+    with pytest.raises(ValueError, match="groups of one size"):
+        prepare(t["qweight"], t["qzeros"], t["scales"], bad, bits=4)
+    with pytest.raises(ValueError, match="sym=True"):
+        ta, _ = make_layer(0, 4, 576, 64, 128, False, False, "gptq_v2")
+        prepare(ta["qweight"], ta["qzeros"], ta["scales"], ta["g_idx"], bits=4, checkpoint_format="gptq_v2", sym=True)
+    t48, _ = make_layer(0, 4, 576, 64, 48, True, False)
+    with pytest.raises(ValueError, match="group size 48"):
+        prepare(t48["qweight"], t48["qzeros"], t48["scales"], t48["g_idx"], bits=4)
+
+
+def test_kernel_argument_errors():
+    t, _ = make_layer(0, 4, 576, 64, 128, True, False)
+    w = prep(t, 4)
+    with pytest.raises(ValueError, match="shape"):
+        G.gptq_matmul(jnp.zeros((2, 575), jnp.float16), w, interpret=True)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        G.gptq_matmul(jnp.zeros((2, 576), jnp.float32), w, interpret=True)
+    with pytest.raises(ValueError, match="block_m"):
+        KernelConfig(mode="dot", block_m=8)
+    with pytest.raises(ValueError, match="convert"):
+        KernelConfig(mode="fma", block_m=1, convert="magic")
+    with pytest.raises(ValueError, match="in_features"):
+        gptq_linear(jnp.zeros((2, 100), jnp.float16), w)
