@@ -117,6 +117,8 @@ class PipelineOptions:
     activation_fraction: see `activations`.
     offload:          keep decoder layers in host memory except the one being quantized; None = when the
                       default device is not the CPU.
+    host_device:      the device standing for host memory (default: the first CPU device when the default
+                      device is an accelerator, else none); tests pass a second CPU device.
     return_to_device: after an offloaded run, move the (quantized, smaller) model back to the accelerator.
     pack:             None: replace every packable quantized linear by a QuantLinear (others stay fake-quantized
                       dense); True: every quantized linear must be packable (error before any work otherwise);
@@ -129,6 +131,7 @@ class PipelineOptions:
     activations: str = "auto"
     activation_fraction: float = 0.3
     offload: bool | None = None
+    host_device: Any = None
     return_to_device: bool = True
     pack: bool | None = None
     pack_workers: int = 2
@@ -488,7 +491,9 @@ def quantize_model(
     total_sets = num_layers * len(spec.sequential) + (1 if config.lm_head else 0)
 
     device = jax.devices()[0]
-    host = _host_device(device)
+    host = _host_device(device) if options.host_device is None else options.host_device
+    if host == device:
+        host = None
     offload = (host is not None) if options.offload is None else (bool(options.offload) and host is not None)
     batch = _pick_batch(n, seqlen, mcfg.num_attention_heads, options.batch_size)
     nbatches = n // batch

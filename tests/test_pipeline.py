@@ -258,6 +258,42 @@ def test_batching_and_options(stories_calib):
         assert not np.allclose(got, weight_of(get_submodule(a.model, name)))
 
 
+OFFLOAD_SCRIPT = """
+import sys, numpy as np, jax
+from flax import nnx
+from gptq_jax import model_io, pipeline
+from gptq_jax.config import QuantizeConfig
+dev, host = jax.devices()
+ids = np.load(sys.argv[2])
+cfg = QuantizeConfig(bits=4, group_size=32, lm_head=True)
+plain = model_io.load_model(sys.argv[1])
+pipeline.quantize_model(plain.model, ids, cfg, options=pipeline.PipelineOptions(batch_size=4))
+lm = model_io.load_model(sys.argv[1])
+opts = pipeline.PipelineOptions(host_device=host, activations="host", batch_size=4)
+rep = pipeline.quantize_model(lm.model, ids, cfg, options=opts)
+assert rep.offload and rep.activations == "host" and rep.timings["transfer_s"] > 0, rep
+assert {d for x in jax.tree.leaves(nnx.state(lm.model)) for d in x.devices()} == {dev}
+np.save(sys.argv[3], np.stack([np.asarray(m.model(ids[:2])) for m in (plain, lm)]))
+"""
+
+
+@pytest.mark.slow
+def test_offloaded_run_between_two_devices_gives_the_same_model(tmp_path, rand_dir, rand_calib):
+    """Layers and activations parked on a second (CPU) device stand in for host memory: any array left on the
+    wrong device would make a jitted call fail; the result equals the plain run."""
+    import os
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "ids.npy", rand_calib)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    subprocess.run([sys.executable, "-c", OFFLOAD_SCRIPT, str(rand_dir), str(tmp_path / "ids.npy"),
+                    str(tmp_path / "logits.npy")], check=True, env=env, timeout=600)
+    plain, offloaded = np.load(tmp_path / "logits.npy")
+    np.testing.assert_allclose(offloaded, plain, rtol=0, atol=1e-5 * np.abs(plain).max())
+
+
 def test_pipeline_bad_input(stories_calib):
     loaded = model_io.load_model(STORIES_HF)
     model = loaded.model
