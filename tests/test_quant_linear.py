@@ -190,7 +190,10 @@ def test_model_from_quantized_state_dict_errors():
     with pytest.raises(StateDictError, match=r"proj.qweight encodes a \(\d+, \d+\) weight"):
         quantized_model_from_state_dict(config, bad, other, **args)
     bad = {k: dict(v) for k, v in layers.items()}
-    bad["model.layers.0.self_attn.q_proj"]["bias"] = np.zeros(64, np.float16)
+    bad["model.layers.0.self_attn.q_proj"]["bias"] = np.zeros(64, np.float16)  # all-zero: tolerated, dropped
+    m = quantized_model_from_state_dict(config, bad, other, **args)
+    assert m.model.layers[0].self_attn.q_proj.bias is None
+    bad["model.layers.0.self_attn.q_proj"]["bias"] = np.ones(64, np.float16)
     with pytest.raises(StateDictError, match="unexpected tensor model.layers.0.self_attn.q_proj.bias"):
         quantized_model_from_state_dict(config, bad, other, **args)
     bad = {k: dict(v) for k, v in layers.items()}

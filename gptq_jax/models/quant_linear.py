@@ -208,14 +208,18 @@ def quantized_model_from_state_dict(
             if t.get(key) is None:
                 raise StateDictError(f"missing tensor {prefix}.{key}")
         has_bias = getattr(old, "bias", None) is not None
-        if has_bias and t.get("bias") is None:
+        bias = t.get("bias")
+        if has_bias and bias is None:
             raise StateDictError(f"missing tensor {prefix}.bias (this {config.model_type} layer has a bias)")
-        if not has_bias and t.get("bias") is not None:
-            raise StateDictError(f"unexpected tensor {prefix}.bias (this {config.model_type} layer has no bias)")
+        if not has_bias and bias is not None:
+            if np.any(np.asarray(bias) != 0):
+                raise StateDictError(
+                    f"unexpected tensor {prefix}.bias (this {config.model_type} layer has no bias)")
+            bias = None  # some exporters write all-zero biases for bias-free layers: nothing to add
         if not _is_float(np.asarray(t["scales"])):
             raise StateDictError(f"tensor {prefix}.scales must be floating point, got {np.asarray(t['scales']).dtype}")
         try:
-            q = QuantLinear(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], t.get("bias"), bits=bits,
+            q = QuantLinear(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias, bits=bits,
                             checkpoint_format=checkpoint_format, dtype=dt, out_dtype=getattr(old, "out_dtype", None))
         except ValueError as e:
             raise StateDictError(f"layer {prefix}: {e}") from None
