@@ -430,12 +430,68 @@ def full(args):
     print("done", flush=True)
 
 
+def plot_svg(results: dict, path: Path) -> None:
+    """Speedup of ours over the faster fp16 dense contender vs M, one line per shape (plain SVG, no matplotlib)."""
+    rows = results["rows"]
+    shapes = sorted({(r["k"], r["n"]) for r in rows}, key=lambda s: s[0] * s[1])
+    ms = sorted({r["m"] for r in rows})
+    w, h, left, right, top, bottom = 760, 420, 60, 190, 30, 50
+    ymax = max(4.0, max(r["speedup"] for r in rows) * 1.1)
+    xs = {m: left + i * (w - left - right) / max(1, len(ms) - 1) for i, m in enumerate(ms)}
+
+    def y(v):
+        return top + (h - top - bottom) * (1 - v / ymax)
+
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           'font-size="12">', f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{left}" y="18" font-size="14">GPTQ 4-bit g128 fp16, Pallas (ours) vs fp16 dense '
+           f'(faster of XLA, cuBLAS): speedup by M, {results.get("device", "")}</text>']
+    for v in range(0, int(ymax) + 1):
+        out.append(f'<line x1="{left}" x2="{w - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{left - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{v}x</text>')
+    out.append(f'<line x1="{left}" x2="{w - right}" y1="{y(1):.1f}" y2="{y(1):.1f}" stroke="#444" '
+               'stroke-dasharray="4,3"/>')
+    for m in ms:
+        out.append(f'<text x="{xs[m]:.1f}" y="{h - bottom + 18}" text-anchor="middle">{m}</text>')
+    out.append(f'<text x="{(left + w - right) / 2:.1f}" y="{h - 12}" text-anchor="middle">M (rows)</text>')
+    for i, (k, n) in enumerate(shapes):
+        pts = [(xs[r["m"]], y(r["speedup"])) for r in sorted(rows, key=lambda r: r["m"]) if (r["k"], r["n"]) == (k, n)]
+        col = colors[i % len(colors)]
+        out.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="'
+                   + " ".join(f"{a:.1f},{b:.1f}" for a, b in pts) + '"/>')
+        out.extend(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{col}"/>' for a, b in pts)
+        ly = top + 20 + 20 * i
+        out.append(f'<line x1="{w - right + 15}" x2="{w - right + 40}" y1="{ly}" y2="{ly}" stroke="{col}" '
+                   'stroke-width="2"/>')
+        out.append(f'<text x="{w - right + 46}" y="{ly + 4}">K={k}, N={n}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out))
+
+
+def markdown_table(results: dict) -> str:
+    """RESULTS.md rows: times in microseconds, speedup vs the faster fp16 dense contender, achieved TB/s."""
+    lines = ["| K x N | M | fp16 XLA dot | fp16 torch.matmul | XLA dequant+dot | ours | speedup | ours TB/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        deq = "-" if math.isnan(r["deq_dot"]) else f"{r['deq_dot'] * 1e6:.1f}"
+        lines.append(f"| {r['k']} x {r['n']} | {r['m']} | {r['xla_fp16'] * 1e6:.1f} | {r['torch_fp16'] * 1e6:.1f} | "
+                     f"{deq} | {r['ours'] * 1e6:.1f} | {r['speedup']:.2f}x | {r['tbps']:.2f} |")
+    lines += ["", "| K x N | variant | M | time us | vs 4-bit fp16 (ours) | speedup vs fp16 dense | TB/s |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for v in results["variants"]:
+        lines.append(f"| {v['k']} x {v['n']} | {v['variant']} | {v['m']} | {v['t'] * 1e6:.1f} | {v['vs_4bit']:.2f} | "
+                     f"{v['speedup']:.2f}x | {v['tbps']:.2f} |")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--full", action="store_true")
     p.add_argument("--dry", action="store_true", help="--full on one small shape without torch (CPU check)")
+    p.add_argument("--report", metavar="JSON", help="print the markdown table of a --full JSON and write its SVG plot")
     p.add_argument("--ms", type=int, nargs="*", default=[1, 16])
     p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args()
@@ -445,6 +501,10 @@ def main():
         sweep(args)
     if args.full:
         full(args)
+    if args.report:
+        res = json.loads(Path(args.report).read_text())
+        plot_svg(res, Path(args.out or ".") / "kernels_speedup.svg")
+        print(markdown_table(res))
 
 
 if __name__ == "__main__":
