@@ -195,7 +195,8 @@ def main():
         nseq, seqlen = (int(v) for v in args.hessian_tokens.split("x"))
         bench_hessian(args.reps, log, hrows, blocks, [int(v) for v in args.hessian_k.split(",")], nseq, seqlen)
 
-    log("\n| W (out x in) | act-order | backend | solve (s) | compile (s) | factorisation (s) | reference (s) | speed-up |")
+    log("\n| W (out x in) | act-order | backend | solve (s) | compile (s) | factorisation (s) | reference (s) "
+        "| speed-up |")
     log("|---|---|---|---|---|---|---|---|")
     for shape, act, be, med, comp, fac, ref, sp in rows:
         log(f"| {shape} | {'yes' if act else 'no'} | {be} | {med:.3f} | {comp:.1f} | {fac:.3f} | {ref} | {sp:.1f}x |")

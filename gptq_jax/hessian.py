@@ -12,7 +12,6 @@ rows (a `lax.scan`), so the float32 copy of the activations never exceeds chunk_
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax

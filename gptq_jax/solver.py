@@ -587,7 +587,8 @@ def _solve(W, H, config: QuantizeConfig, *, backend, on_nonfinite, hinv_method, 
         return (codes, scales, zeros, g_idx, None, weight, loss_rows), (0.0, 0.0, attempts, True, bad)
 
     spec = _Spec(
-        group=config.group_size, block=B, mse=float(config.mse), mse_grid=config.mse_grid, mse_maxshrink=float(config.mse_maxshrink),
+        group=config.group_size, block=B, mse=float(config.mse), mse_grid=config.mse_grid,
+        mse_maxshrink=float(config.mse_maxshrink),
         backend=backend, group_params=group_params, chunk=chunk, tile_rows=tile_rows, num_warps=num_warps)
     codes, scales, zeros, g_idx, weight, loss_rows = _sweep(
         W, Wz, U, perm, maxq, sym, jnp.asarray(config.desc_act), jnp.asarray(config.static_groups), spec)

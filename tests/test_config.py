@@ -91,7 +91,8 @@ def test_marlin_error_says_why():
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [-1, 32, 64, 128, 100])
-@pytest.mark.parametrize("flags", [(True, False, False), (False, True, False), (True, True, True), (False, False, True)])
+@pytest.mark.parametrize("flags", [(True, False, False), (False, True, False), (True, True, True),
+                                   (False, False, True)])
 def test_every_valid_combination_round_trips(bits, group_size, flags):
     sym, desc_act, static_groups = flags
     c = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static_groups,
