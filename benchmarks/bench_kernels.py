@@ -364,8 +364,10 @@ def full(args):
     bw = copy_bandwidth() if not args.dry else {}
     print("copy bandwidth", bw, flush=True)
     shapes = SHAPES if not args.dry else [(1024, 512)]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
     ms = MS if not args.dry else [1, 16, 64]
-    deq_ms = {1, 16, 64, 256, 2048}
+    deq_ms = {1, 64, 256, 2048}
     use_torch = not args.dry
     if use_torch:
         import torch
@@ -491,6 +493,7 @@ def main():
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--full", action="store_true")
     p.add_argument("--dry", action="store_true", help="--full on one small shape without torch (CPU check)")
+    p.add_argument("--shapes", help="KxN,KxN,... (default: the six RESULTS shapes)")
     p.add_argument("--report", metavar="JSON", help="print the markdown table of a --full JSON and write its SVG plot")
     p.add_argument("--ms", type=int, nargs="*", default=[1, 16])
     p.add_argument("--out", default=os.environ.get("OUT"))
