@@ -12,9 +12,9 @@ matching slice of x. Scales and zero points are applied once per group and step,
 so the per-weight work is only "extract the code, make it a float, multiply-add". Two modes:
 
 * "dot": the codes become fp16/bf16 values (exact: codes < 256) and go through tensor-core dots with fp32
-  accumulation (`jnp.dot(..., preferred_element_type=float32)` -> tl.dot). Good from M = 1 (rows padded to the
-  16-row minimum tile) to large M.
-* "fma": for a handful of rows (decode). Codes become fp32 through the 2^23 magic-number trick (OR the code into
+  accumulation (`jnp.dot(..., preferred_element_type=float32)` -> tl.dot), rows padded to the 16-row minimum
+  tile. On the H100 it is the fastest path for 2..64 rows; beyond that dequantize + XLA dot wins (RESULTS.md).
+* "fma": for a handful of rows (decode; the fastest path at M = 1 on the H100). Codes become fp32 through the 2^23 magic-number trick (OR the code into
   the mantissa of 8388608.0 and subtract: no int->float conversion instruction) and are multiply-added in fp32;
   the row reduction happens once at the end.
 
