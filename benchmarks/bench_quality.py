@@ -70,9 +70,30 @@ def rows(which: str) -> list[Row]:
         Row("4-bit g64 asym, act-order + MSE clipping", QuantizeConfig(bits=4, group_size=64, sym=False,
                                                                         desc_act=True, mse=2.4)),
     ]
+    ablation = [
+        Row("4-bit g64 sym", QuantizeConfig(bits=4, group_size=64)),
+        extra[4], extra[0], extra[1], extra[2], extra[3],
+        Row("4-bit g64 sym, damp 0.1", QuantizeConfig(bits=4, group_size=64, damp_percent=0.1)),
+        Row("4-bit g64 sym, act-order + static groups + MSE clipping",
+            QuantizeConfig(bits=4, group_size=64, desc_act=True, static_groups=True, mse=2.4)),
+    ]
+    if which == "ablation":
+        return ablation
     if which == "smoke":
         return [main[2], extra[2]]
-    return {"main": main, "extra": extra, "all": main + extra}[which]
+    return {"main": main, "extra": extra, "all": main + extra, "core": main + extra[:1] + extra[2:3]}[which]
+
+
+def _documents_without_datasets(source, split=None, text_field="text"):
+    """texts.load_documents for the bundled .jsonl/.txt files when the `datasets` package is not installed (the
+    GPU machine has none)."""
+    src = source if isinstance(source, texts.TextSource) else texts.resolve_source(source, split)
+    path = src.location
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line)[text_field] for line in f if line.strip()]
+    with open(path, encoding="utf-8") as f:
+        return [d.strip("\n") for d in f.read().split("\n\n") if d.strip("\n")]
 
 
 def make_nll(model, seqlen: int):
@@ -107,7 +128,8 @@ def apply_rtn(model, config: QuantizeConfig, names: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model (default: SmolLM2-135M-Instruct, the default model)")
-    ap.add_argument("--rows", default="all", choices=["all", "main", "extra", "smoke"])
+    ap.add_argument("--rows", default="all", choices=["all", "main", "extra", "core", "ablation", "smoke"])
+    ap.add_argument("--time-limit", type=float, default=None, help="stop starting new rows after this many seconds")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calibration-mode", default="documents", choices=["documents", "concat"])
@@ -118,6 +140,11 @@ def main() -> None:
     args = ap.parse_args()
 
     t_start = time.perf_counter()
+    jax.config.update("jax_default_matmul_precision", "highest")  # fp32 evals, also on GPUs (no TF32)
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        texts.load_documents = _documents_without_datasets
     loaded = model_io.load_model(args.model)
     model = loaded.model
     if args.layers is not None:
@@ -142,10 +169,18 @@ def main() -> None:
     results = []
     header = "| config | RTN | GPTQ | GPTQ - fp | GPTQ vs RTN |"
     print(f"\nfp32 baseline: {fp:.3f}\n\n{header}\n|---|---:|---:|---:|---:|", flush=True)
+    rtn_cache: dict[tuple, float] = {}
     for row in rows(args.rows):
-        nnx.update(model, fp_state)
-        apply_rtn(model, row.config, names)
-        p_rtn = ppl(nll, model, windows)
+        if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:
+            print(f"(time limit: stopped before {row.label})", flush=True)
+            break
+        c = row.config
+        key = (c.bits, c.group_size, c.sym, c.mse)  # RTN ignores act-order and static groups
+        if key not in rtn_cache:
+            nnx.update(model, fp_state)
+            apply_rtn(model, row.config, names)
+            rtn_cache[key] = ppl(nll, model, windows)
+        p_rtn = rtn_cache[key]
         nnx.update(model, fp_state)
         t0 = time.perf_counter()
         rep = pipeline.quantize_model(model, calib.input_ids, row.config,
