@@ -96,6 +96,14 @@ def _documents_without_datasets(source, split=None, text_field="text"):
         return [d.strip("\n") for d in f.read().split("\n\n") if d.strip("\n")]
 
 
+COMBOS = [(4, 32, True), (4, 32, False), (4, 64, True), (4, 64, False), (4, 128, True), (4, 128, False),
+          (4, -1, True), (4, -1, False), (3, 64, True), (2, 32, True), (8, 128, True)]
+
+
+def combo_label(bits: int, group: int, sym: bool) -> str:
+    return f"{bits}-bit {'g' + str(group) if group > 0 else 'per-channel'} {'sym' if sym else 'asym'}"
+
+
 def make_nll(model, seqlen: int):
     """A compiled (state, ids (1, T)) -> summed NLL of tokens 2..T, compiled once per model structure."""
     graphdef, _ = nnx.split(model)
@@ -130,6 +138,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model (default: SmolLM2-135M-Instruct, the default model)")
     ap.add_argument("--rows", default="all", choices=["all", "main", "extra", "core", "ablation", "smoke"])
     ap.add_argument("--time-limit", type=float, default=None, help="stop starting new rows after this many seconds")
+    ap.add_argument("--table", default="rows", choices=["rows", "combos"],
+                    help="rows: one GPTQ column per --rows entry; combos: the issue's bit/group/sym grid with "
+                         "RTN, plain GPTQ and (act-order + static groups + MSE clipping) GPTQ columns")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calibration-mode", default="documents", choices=["documents", "concat"])
@@ -167,10 +178,34 @@ def main() -> None:
     fp = ppl(nll, model, windows)
     print(f"fp: {fp:.3f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     results = []
-    header = "| config | RTN | GPTQ | GPTQ - fp | GPTQ vs RTN |"
-    print(f"\nfp32 baseline: {fp:.3f}\n\n{header}\n|---|---:|---:|---:|---:|", flush=True)
+    print(f"\nfp32 baseline: {fp:.3f}", flush=True)
+    if args.table == "rows":
+        print("\n| config | RTN | GPTQ | GPTQ - fp | GPTQ vs RTN |\n|---|---:|---:|---:|---:|", flush=True)
     rtn_cache: dict[tuple, float] = {}
-    for row in rows(args.rows):
+    if args.table == "combos":
+        print("\n| config | RTN | GPTQ | GPTQ act-order + static groups + MSE clipping | best vs RTN |\n"
+              "|---|---:|---:|---:|---:|", flush=True)
+        for bits, group, sym in COMBOS:
+            if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:
+                print("(time limit)", flush=True)
+                break
+            cfg = QuantizeConfig(bits=bits, group_size=group, sym=sym)
+            nnx.update(model, fp_state)
+            apply_rtn(model, cfg, names)
+            entry = {"config": combo_label(bits, group, sym), "rtn": ppl(nll, model, windows)}
+            best_cfg = cfg.replace(desc_act=True, static_groups=True, mse=2.4)
+            for key, c in (("gptq", cfg), ("gptq_best", best_cfg)):
+                nnx.update(model, fp_state)
+                t0 = time.perf_counter()
+                rep = pipeline.quantize_model(model, calib.input_ids, c, options=pipeline.PipelineOptions(pack=False))
+                entry[key] = ppl(nll, model, windows)
+                entry[key + "_s"] = time.perf_counter() - t0
+                entry[key + "_fallbacks"] = len(rep.fallbacks)
+            results.append(entry)
+            best = min(entry["gptq"], entry["gptq_best"])
+            print(f"| {entry['config']} | {entry['rtn']:.3f} | {entry['gptq']:.3f} | {entry['gptq_best']:.3f} | "
+                  f"{100 * (best - entry['rtn']) / entry['rtn']:+.1f}% |", flush=True)
+    for row in rows(args.rows) if args.table == "rows" else []:
         if args.time_limit is not None and time.perf_counter() - t_start > args.time_limit:
             print(f"(time limit: stopped before {row.label})", flush=True)
             break
