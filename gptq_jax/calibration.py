@@ -248,7 +248,8 @@ def load_calibration(
     _check_counts(nsamples, seqlen, max_seqlen)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise CalibrationError(f"seed must be an integer, got {seed!r}")
-    if split is None and texts.BUNDLED.get(dataset, {}).get("validation") and next(iter(texts.BUNDLED[dataset])) == "test":
+    bundled = texts.BUNDLED.get(dataset, {})
+    if split is None and "validation" in bundled and next(iter(bundled)) == "test":
         split = "validation"  # never calibrate on the evaluation split by default (wikitext2: test is for ppl)
     src = texts.resolve_source(dataset, split)
     docs = [d for d in texts.load_documents(src, text_field=text_field) if d and d.strip()]
