@@ -13,13 +13,18 @@ their tests are skipped when absent. Run:
 
 Agreement criteria (issue 4): max|logits_ours - logits_torch| / max|logits_torch| < 1e-2 on a 128-token WikiText-2
 window and on every greedy step, and the same greedy 32-token continuation. Beyond the issue, each case also
-checks that GPTQModel's own dequantized weights (`dequantize_weight`) equal ours bit for bit for a few modules,
+checks that GPTQModel's own dequantized weights (`dequantize_weight`) equal ours (rounded to GPTQModel's float16)
+exactly for a few modules,
 which pins the format (packing order, v1/v2 zero points, g_idx) independently of the forward pass.
 
-Our side: `read_gptq_checkpoint` + `packing.dequantize_gptq_layer` -> dense float32 HF state dict ->
-`model_from_state_dict` (the quantized-linear model of gptq_jax/models is not used here yet).
-Our checkpoints are written from our own round-to-nearest solver (`gptq_jax.solver.rtn`) on SmolLM2's weights,
-packed by `converters.packing.pack_gptq_layer` and written by `converters.autogptq.write_gptq_checkpoint`.
+Our side: `gptq_jax.api.load_quantized` (QuantLinear layers computing from the packed tensors; where that API is
+missing, a dense float32 model from `read_gptq_checkpoint` + `packing.dequantize_gptq_layer`). Our checkpoints
+come (a) from our round-to-nearest (`gptq_jax.solver.rtn`) on SmolLM2's weights, packed by
+`converters.packing.pack_gptq_layer` and written by `converters.autogptq.write_gptq_checkpoint` (every format
+variant, fast), and (c) from the GPTQ pipeline itself (`api.quantize` + `api.save_quantized`).
+
+GPTQModel's torch kernel dequantizes in float16 (the scales' dtype), so its weights are ours rounded to float16:
+logits differ by ~1e-3 of their range, well inside the 1e-2 criterion.
 """
 
 from __future__ import annotations
@@ -328,8 +333,10 @@ def test_pipeline_export_loads_in_transformers(case, inputs, torch_python, tmp_p
     model, qcfg, layers, ours_dense = model_from_gptq_dir(ckpt)
     assert qcfg["checkpoint_format"] == fmt and len(layers) == 30 * 7
     reloaded = run_jax_side(model, inputs)
-    np.testing.assert_allclose(reloaded["logits"], in_memory["logits"], rtol=0, atol=1e-4)
-    np.testing.assert_array_equal(reloaded["greedy"], in_memory["greedy"])
+    # the checkpoint stores embeddings and norms in float16 (save_quantized's default), the model in memory has
+    # them in float32: the same criteria as against transformers, not bit equality
+    assert_agree(reloaded, {**in_memory, "kernels": np.asarray(["Torch(n/a: in-memory JAX model)"])},
+                 f"pipeline[{case}] in memory -> saved -> reloaded")
     theirs = run_torch_side(ckpt, inputs, tmp_path)
     assert_same_dequant(theirs, ours_dense, case)
     assert_agree(reloaded, theirs, f"pipeline[{case}] -> transformers/gptqmodel")
