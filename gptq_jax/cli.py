@@ -182,7 +182,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     t_all = time.perf_counter()
     config = QuantizeConfig(
         bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act,
-        static_groups=args.static_groups, damp_percent=args.damp_percent,
+        act_group_aware=args.act_group_aware, static_groups=args.static_groups, damp_percent=args.damp_percent,
         damp_auto_increment=args.damp_auto_increment, true_sequential=args.true_sequential,
         mse=args.mse, lm_head=args.lm_head,
     )
@@ -240,6 +240,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
         "_table": [
             ("model", loaded.source), ("out", str(args.out)), ("bits", config.bits),
             ("group_size", config.group_size), ("sym", config.sym), ("desc_act", config.desc_act),
+            ("act_group_aware", config.act_group_aware),
             ("checkpoint_format", fmt), ("calibration", f"{calib.nsamples} x {calib.seqlen} tokens from "
                                                         f"{calib.dataset} ({calib.mode})"),
             ("modules", len(report.modules)), ("fallbacks", len(report.fallbacks)),
@@ -292,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symmetric grid (default); --no-sym for asymmetric (written as gptq_v2)")
     g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=False,
                    help="act-order: quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--act-group-aware", action=argparse.BooleanOptionalAction, default=False,
+                   help="GPTQModel's group-aware reordering (GAR): whole groups by decreasing max Hessian diagonal, "
+                        "columns inside a group likewise; g_idx stays trivial (exclusive with --desc-act)")
     g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=False,
                    help="group parameters from the original column order (trivial g_idx with --desc-act)")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,

@@ -39,6 +39,9 @@ class QuantizeConfig:
                          allowed; when in_features is not a multiple, the last group is shorter (ngroups = ceil(in/G)).
     sym:                 symmetric grid, zero point fixed at 2**(bits-1) (section 1.5).
     desc_act:            act-order: sweep columns by decreasing diag(H) (section 1.6).
+    act_group_aware:     GPTQModel's group-aware reordering (GAR, section 1.6): sweep whole groups by decreasing
+                         max diag(H), and columns inside a group by decreasing diag(H); g_idx stays k // G, so
+                         every kernel runs the result. Needs group_size > 0; exclusive with desc_act.
     static_groups:       group parameters computed once on the original column order before the sweep
                          (section 1.6); a no-op when group_size == -1 (as in AutoGPTQ).
     damp_percent:        relative damping, H += damp_percent * mean(diag H) * I; 0 < damp_percent < 1.
@@ -58,6 +61,7 @@ class QuantizeConfig:
     group_size: int = 128
     sym: bool = True
     desc_act: bool = False
+    act_group_aware: bool = False
     static_groups: bool = False
     damp_percent: float = 0.01
     damp_auto_increment: float = 0.0025
@@ -84,9 +88,13 @@ class QuantizeConfig:
             raise bad("bits", f"must be one of {SUPPORTED_BITS}")
         if not _is_int(self.group_size) or (self.group_size != -1 and self.group_size < 1):
             raise bad("group_size", "must be -1 (one group per row) or a positive integer")
-        for name in ("sym", "desc_act", "static_groups", "true_sequential", "lm_head"):
+        for name in ("sym", "desc_act", "act_group_aware", "static_groups", "true_sequential", "lm_head"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be a bool")
+        if self.act_group_aware and self.desc_act:
+            raise bad("act_group_aware", "and desc_act are exclusive orderings (choose one)")
+        if self.act_group_aware and self.group_size == -1:
+            raise bad("act_group_aware", "needs group_size > 0 (it reorders groups)")
         if not _is_number(self.damp_percent) or not (0.0 < self.damp_percent < 1.0):
             raise bad("damp_percent", "must be a number with 0 < damp_percent < 1")
         if not _is_number(self.damp_auto_increment) or not (0.0 <= self.damp_auto_increment < 1.0):
@@ -156,7 +164,7 @@ class QuantizeConfig:
                 "mse_grid": self.mse_grid,
                 "mse_maxshrink": self.mse_maxshrink,
                 "block_size": self.block_size,
-                "act_group_aware": False,
+                "act_group_aware": self.act_group_aware,
                 "v2": False,
             },
         }
@@ -196,18 +204,13 @@ class QuantizeConfig:
             raise ValueError(
                 f"{source}: 'dynamic' per-module overrides are not supported (got {d['dynamic']!r})"
             )
-        if meta.get("act_group_aware") or d.get("act_group_aware"):
-            warnings.warn(
-                f"{source}: act_group_aware (GPTQModel GAR) is not implemented here; re-quantizing with this config "
-                "uses plain column order (checkpoints load the same: g_idx is trivial)",
-                stacklevel=2,
-            )
 
         kwargs: dict[str, Any] = {}
         for field, keys in (
             ("bits", ("bits", "w_bit")),
             ("group_size", ("group_size", "q_group_size")),
             ("desc_act", ("desc_act",)),
+            ("act_group_aware", ("act_group_aware",)),
             ("static_groups", ("static_groups",)),
             ("damp_percent", ("damp_percent",)),
             ("damp_auto_increment", ("damp_auto_increment",)),
@@ -227,6 +230,8 @@ class QuantizeConfig:
             warnings.warn(f"{source}: 'sym' is missing; defaulting to sym=True (as AutoGPTQ does)", stacklevel=2)
             sym = True
         kwargs["sym"] = sym
+        if kwargs.get("desc_act") or kwargs.get("group_size") == -1:
+            kwargs.pop("act_group_aware", None)  # GPTQModel turns GAR off for act-order or per-channel configs
         if "bits" not in kwargs:
             raise ValueError(f"{source}: 'bits' is missing")
         if isinstance(kwargs.get("mse"), (int, float)) and not isinstance(kwargs["mse"], bool):

@@ -6,7 +6,9 @@ H (in_features, in_features), exactly as the reference `fasterquant` does:
 1. per-channel (group_size -1) quantizer parameters from the original W;
 2. dead inputs (diag(H) == 0): H[k, k] = 1, W[:, k] = 0;
 3. static_groups: one quantizer per contiguous group of original columns;
-4. act-order: perm = argsort(diag(H), descending, stable), W and H permuted;
+4. act-order: perm = argsort(diag(H), descending, stable), W and H permuted; or GPTQModel's group-aware
+   reordering (GAR, `act_group_aware`): whole groups by decreasing max diag(H), columns inside a group by
+   decreasing diag(H), the group parameters put back at their original group index afterwards;
 5. relative damping H += damp * mean(diag H) I, and U = upper Cholesky factor of H^-1, checked for NaN; on failure
    damping grows by `damp_auto_increment` (the diagonal restored between tries), then a diagonal floor is tried
    (GPTQModel, section 2.7), then the layer falls back to round-to-nearest with a logged warning;
@@ -14,8 +16,8 @@ H (in_features, in_features), exactly as the reference `fasterquant` does:
    (which, as in the reference, lacks the current block's updates when a group starts mid-block);
 7. un-permute; g_idx per section 1.6.
 
-The sweep is one jitted program per (shape, group_size, block_size, mse, backend): bits, sym, desc_act and
-static_groups are traced values, so they share it. It is a `fori_loop` over blocks, each block a `fori_loop`
+The sweep is one jitted program per (shape, group_size, block_size, mse, backend): bits, sym, desc_act,
+act_group_aware and static_groups are traced values, so they share it. It is a `fori_loop` over blocks, each block a `fori_loop`
 over its columns (or, on GPU, one Pallas kernel per block that keeps the block in registers), and the trailing
 update W[:, i2:] -= Err1 @ U[i1:i2, i2:] as float32 GEMMs (precision HIGHEST) in column chunks. Internally the
 weight is held transposed (in_features, out_features) so that a column is a contiguous row.
@@ -79,7 +81,7 @@ class GPTQResult:
     zeros:      int32 (N, ngroups), integer zero points (sym: 2**(bits-1)); as computed, i.e. checkpoint_format
                 gptq_v2 values (the v1 "minus one" is the packer's business, section 1.4).
     g_idx:      int32 (K,), group of every input channel (section 1.6).
-    perm:       int32 (K,), act-order processing order (column perm[i] was quantized i-th), or None.
+    perm:       int32 (K,), processing order of act-order or GAR (column perm[i] was quantized i-th), or None.
     weight:     float32 (N, K), the dequantized weight = scales[n, g_idx] * (codes - zeros[n, g_idx]).
     loss:       float32 scalar, the reference's error sum((w - q)**2 / d**2) / 2 over all entries (d = U[i, i]);
                 for a round-to-nearest fallback, sum((w - q)**2) / 2 (Hinv taken as I).
@@ -339,10 +341,10 @@ def _block_xla_current(W1T, WT_start, U, i1, scalesT, zerosT, colgroup_blk, maxq
 # ----------------------------------------------------------------------------------------------------------------
 @partial(jax.jit, static_argnames=("spec",))
 def _sweep(W: jax.Array, Wz: jax.Array, U: jax.Array, perm: jax.Array, maxq: jax.Array, sym: jax.Array,
-           act: jax.Array, static: jax.Array, spec: _Spec):
+           act: jax.Array, gar: jax.Array, static: jax.Array, spec: _Spec):
     """W, Wz (N, K): original and dead-zeroed weight; U (K, K): upper factor in PERMUTED order; perm (K,) (identity
-    without act-order). maxq, sym, act (desc_act), static (static_groups) are traced: one program serves every
-    bits / sym / desc_act / static_groups setting of a (shape, group_size, block_size, mse, backend).
+    without act-order or GAR). maxq, sym, act (desc_act), gar (act_group_aware), static (static_groups) are traced:
+    one program serves every ordering / bits / sym setting of a (shape, group_size, block_size, mse, backend).
 
     Returns codes (N, K) uint8 original order, scales (N, ngroups), zeros (N, ngroups) int32, g_idx (K,),
     weight (N, K), loss per row (N,) (not yet halved).
@@ -450,21 +452,40 @@ def _sweep(W: jax.Array, Wz: jax.Array, U: jax.Array, perm: jax.Array, maxq: jax
         # section 1.6: act-order with dynamic groups -> g_idx[perm[i]] = i // G; otherwise k // G
         by_col = jnp.arange(K, dtype=jnp.int32) // G
         g_idx = jnp.where(jnp.asarray(act) & jnp.logical_not(static), by_col[iperm], by_col)
+        # GAR with dynamic groups: processing-order group j is the contiguous original group perm[j*G] // G; put
+        # each group's parameters back at its original index so that g_idx stays k // G (GPTQModel gptq.py)
+        origin = perm[jnp.minimum(jnp.arange(ngroups) * G, K - 1)] // G
+        src = jnp.argsort(origin)
+        remap = jnp.asarray(gar) & jnp.logical_not(static)
+        scales = jnp.where(remap, scales[:, src], scales)
+        zeros = jnp.where(remap, zeros[:, src], zeros)
     weight = dequantize_result(codes, scales, zeros, g_idx)
     return codes, scales, zeros, g_idx, weight, loss[:N]
 
 
-@jax.jit
-def _prepare(W: jax.Array, H: jax.Array, act: jax.Array):
-    """Dead inputs (section 2.2 step 2) and the act-order permutation (step 4; identity unless `act`).
-    Returns (Wz, Hp, perm)."""
+@partial(jax.jit, static_argnames=("group",))
+def _prepare(W: jax.Array, H: jax.Array, act: jax.Array, gar: jax.Array, group: int):
+    """Dead inputs (section 2.2 step 2) and the processing order (step 4): act-order (`act`), group-aware reordering
+    (`gar`, section 1.6) or the identity. Returns (Wz, Hp, perm)."""
     diag = jnp.diagonal(H)
     dead = diag == 0
-    idx = jnp.arange(H.shape[0])
+    K = H.shape[0]
+    idx = jnp.arange(K)
     H = H.at[idx, idx].set(jnp.where(dead, 1.0, diag))
     Wz = jnp.where(dead[None, :], 0.0, W)
+    d = jnp.diagonal(H)
     # argsort(diag, descending), stable (torch's is not: ties may order differently, section 2.2 step 4)
-    perm = jnp.where(act, jnp.argsort(-jnp.diagonal(H), stable=True), idx).astype(jnp.int32)
+    perm = jnp.where(act, jnp.argsort(-d, stable=True), idx)
+    if 0 < group <= K:
+        # GAR: full groups by decreasing max diag, columns inside a group by decreasing diag; a short tail group
+        # stays last, in order (GPTQModel gar.py)
+        nfull = K // group
+        dg = d[: nfull * group].reshape(nfull, group)
+        local = jnp.argsort(-dg, axis=1, stable=True) + (jnp.arange(nfull) * group)[:, None]
+        order = jnp.argsort(-jnp.max(dg, axis=1), stable=True)
+        gar_perm = jnp.concatenate([local[order].reshape(-1), idx[nfull * group:]])
+        perm = jnp.where(gar, gar_perm, perm)
+    perm = perm.astype(jnp.int32)
     H = H[perm][:, perm]
     return Wz, H, perm
 
@@ -576,7 +597,8 @@ def _solve(W, H, config: QuantizeConfig, *, backend, on_nonfinite, hinv_method, 
     if backend.startswith("pallas") and (B & (B - 1)) != 0:
         backend = "xla"  # the Triton kernel needs a power-of-two block
 
-    Wz, Hp, perm = _prepare(W, H, jnp.asarray(config.desc_act))
+    gar = config.act_group_aware and 0 < config.group_size <= K
+    Wz, Hp, perm = _prepare(W, H, jnp.asarray(config.desc_act), jnp.asarray(gar), config.group_size)
     U, damp, floor, attempts = _factorise(Hp, config, hinv_method, name)
     maxq = jnp.float32(config.maxq)
     sym = jnp.asarray(config.sym)
@@ -591,8 +613,10 @@ def _solve(W, H, config: QuantizeConfig, *, backend, on_nonfinite, hinv_method, 
         mse_maxshrink=float(config.mse_maxshrink),
         backend=backend, group_params=group_params, chunk=chunk, tile_rows=tile_rows, num_warps=num_warps)
     codes, scales, zeros, g_idx, weight, loss_rows = _sweep(
-        W, Wz, U, perm, maxq, sym, jnp.asarray(config.desc_act), jnp.asarray(config.static_groups), spec)
-    return (codes, scales, zeros, g_idx, perm if config.desc_act else None, weight, loss_rows), (
+        W, Wz, U, perm, maxq, sym, jnp.asarray(config.desc_act), jnp.asarray(gar), jnp.asarray(config.static_groups),
+        spec)
+    reordered = config.desc_act or gar
+    return (codes, scales, zeros, g_idx, perm if reordered else None, weight, loss_rows), (
         float(damp), float(floor), attempts, False, bad)
 
 

@@ -96,8 +96,19 @@ def hessian(batches) -> tuple[np.ndarray, int]:
     return H, n
 
 
+def gar_perm(diag: np.ndarray, group_size: int) -> np.ndarray:
+    """GPTQModel's group-aware reordering (section 1.6), written from its description: full groups ordered by
+    decreasing max diag (stable), columns inside each group by decreasing diag (stable), a short tail group last."""
+    K = diag.size
+    nfull = K // group_size
+    groups = [np.arange(g * group_size, (g + 1) * group_size) for g in range(nfull)]
+    order = sorted(range(nfull), key=lambda g: -diag[groups[g]].max())  # sorted() is stable
+    parts = [groups[g][np.argsort(-diag[groups[g]], kind="stable")] for g in order]
+    return np.concatenate(parts + [np.arange(nfull * group_size, K)])
+
+
 def gptq(W, H, *, bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool,
-         damp_percent: float = 0.01, block_size: int = 128, mse: float = 0.0, prefer_codes=None,
+         act_group_aware: bool = False, damp_percent: float = 0.01, block_size: int = 128, mse: float = 0.0, prefer_codes=None,
          tie_tol: float = 0.0, group_params: str = "reference"):
     """Section 2.2 in float64. Returns dict(codes (N, K) original order, scales (N, ngroups), zeros (N, ngroups),
     g_idx (K,), perm (K,), Q (N, K) dequantized, loss, ties: how many tie decisions took `prefer_codes`
@@ -128,8 +139,8 @@ def gptq(W, H, *, bits: int, group_size: int, sym: bool, desc_act: bool, static_
             groups.append(params(W[:, g0:g0 + group_size]))
 
     perm = np.arange(K)
-    if desc_act:
-        perm = np.argsort(-np.diag(H), kind="stable")
+    if desc_act or act_group_aware:
+        perm = gar_perm(np.diag(H), group_size) if act_group_aware else np.argsort(-np.diag(H), kind="stable")
         W = W[:, perm]
         H = H[perm][:, perm]
 
@@ -193,5 +204,9 @@ def gptq(W, H, *, bits: int, group_size: int, sym: bool, desc_act: bool, static_
         scales = np.stack([dyn[g][0] for g in range(ng)], 1)
         zeros = np.stack([dyn[g][1] for g in range(ng)], 1)
         g_idx = (np.arange(K) // group_size)[invperm]  # g_idx[perm[i]] = i // G (section 1.6)
+        if act_group_aware:  # processing group j is original group perm[j*G] // G: put parameters back there
+            origin = perm[np.arange(ng) * group_size] // group_size
+            scales, zeros = scales[:, np.argsort(origin)], zeros[:, np.argsort(origin)]
+            g_idx = np.arange(K) // group_size
     return {"codes": codes, "scales": scales, "zeros": zeros, "g_idx": g_idx, "perm": perm, "Q": Q,
             "loss": losses.sum(), "U": U, "ties": ties}

@@ -178,6 +178,9 @@ def test_from_dict_needs_a_dict():
         QuantizeConfig.from_dict([("bits", 4)])  # type: ignore[arg-type]
 
 
-def test_from_dict_act_group_aware_warns():
-    with pytest.warns(UserWarning, match="act_group_aware"):
-        QuantizeConfig.from_dict({"bits": 4, "sym": True, "meta": {"act_group_aware": True}})
+def test_from_dict_reads_act_group_aware():
+    cfg = QuantizeConfig.from_dict({"bits": 4, "group_size": 128, "sym": True, "meta": {"act_group_aware": True}})
+    assert cfg.act_group_aware and not cfg.desc_act
+    # per-channel or act-order configs drop it, as GPTQModel resolves them
+    assert not QuantizeConfig.from_dict({"bits": 4, "group_size": -1, "sym": True, "act_group_aware": True}
+                                        ).act_group_aware

@@ -43,7 +43,7 @@ def random_w(n: int, k: int, seed: int = 0) -> np.ndarray:
 def compare_to_reference(res: GPTQResult, W, H, cfg: QuantizeConfig, **kw) -> dict:
     """Run the float64 reference (ties taken from our codes) and check the agreement criteria."""
     f = ref.gptq(W, H, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=cfg.desc_act,
-                 static_groups=cfg.static_groups, damp_percent=kw.pop("damp_percent", cfg.damp_percent),
+                 static_groups=cfg.static_groups, act_group_aware=cfg.act_group_aware, damp_percent=kw.pop("damp_percent", cfg.damp_percent),
                  block_size=cfg.block_size, mse=cfg.mse, prefer_codes=np.asarray(res.codes), tie_tol=TIE_TOL, **kw)
     codes = np.asarray(res.codes).astype(np.int64)
     agree = np.mean(codes == f["codes"])
@@ -56,7 +56,7 @@ def compare_to_reference(res: GPTQResult, W, H, cfg: QuantizeConfig, **kw) -> di
     rel = np.abs(scales - f["scales"]) / np.abs(f["scales"])
     assert np.quantile(rel, 0.999) <= 1e-5 and np.all(np.isfinite(scales))
     np.testing.assert_array_equal(np.asarray(res.g_idx), f["g_idx"])
-    if cfg.desc_act:
+    if cfg.desc_act or (cfg.act_group_aware and cfg.group_size <= W.shape[1]):
         np.testing.assert_array_equal(np.asarray(res.perm), f["perm"])
     else:
         assert res.perm is None
@@ -116,6 +116,40 @@ def test_other_group_and_block_sizes(cfg):
     res = gptq(W, H, cfg, backend="xla")
     check_identity(res)
     compare_to_reference(res, W, H, cfg)
+
+
+@pytest.mark.parametrize("bits, group, sym, static", [(4, 32, True, False), (4, 64, False, False),
+                                                     (3, 48, False, False), (2, 32, True, True),
+                                                     (8, 128, False, False), (4, 200, True, False)])
+def test_group_aware_reordering_matches_reference(bits, group, sym, static):
+    # GAR (GPTQModel act_group_aware): groups stay contiguous, so g_idx is k // G and the parameters come back in
+    # original group order; K = 172 leaves a short tail group (kept last), group 200 > K means one group.
+    H = stories_hessian("down_proj")
+    W = random_w(48, 172, seed=bits + group)
+    cfg = QuantizeConfig(bits=bits, group_size=group, sym=sym, act_group_aware=True, static_groups=static)
+    res = gptq(W, H, cfg, backend="xla")
+    check_identity(res)
+    np.testing.assert_array_equal(np.asarray(res.g_idx), np.arange(172) // group)
+    f = compare_to_reference(res, W, H, cfg)
+    if group < 172:
+        assert not np.array_equal(f["perm"], np.arange(172))  # the order really changed
+        perm = np.asarray(res.perm)
+        for j in range(172 // group):  # every processed run of G columns is one original group
+            assert len(set(perm[j * group:(j + 1) * group] // group)) == 1
+        plain = gptq(W, H, cfg.replace(act_group_aware=False), backend="xla")
+        assert not np.array_equal(np.asarray(plain.codes), np.asarray(res.codes))
+
+
+def test_group_aware_reordering_config():
+    with pytest.raises(ValueError, match="exclusive"):
+        QuantizeConfig(act_group_aware=True, desc_act=True)
+    with pytest.raises(ValueError, match="group_size > 0"):
+        QuantizeConfig(act_group_aware=True, group_size=-1)
+    d = QuantizeConfig(act_group_aware=True, group_size=64).to_dict()
+    assert d["meta"]["act_group_aware"] is True
+    assert QuantizeConfig.from_dict(d).act_group_aware
+    # GPTQModel drops GAR when act-order is on
+    assert not QuantizeConfig.from_dict({**d, "desc_act": True}).act_group_aware
 
 
 @pytest.mark.parametrize("cfg", [QuantizeConfig(bits=3, group_size=32, sym=False, mse=2.4),
