@@ -250,6 +250,126 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     }
 
 
+def _generate_dtype(name: str) -> str:
+    """--dtype auto: float16 on a GPU (the GPTQ kernels' activation dtype), float32 elsewhere."""
+    if name != "auto":
+        return name
+    import jax
+
+    return "float16" if jax.default_backend() == "gpu" else "float32"
+
+
+def cmd_generate(args: argparse.Namespace) -> dict:
+    from gptq_jax import generate as gen
+    from gptq_jax import model_io
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE (one prompt per line)")
+    dtype = _generate_dtype(args.dtype)
+    t0 = time.perf_counter()
+    loaded = model_io.load_model(args.model, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    log.info("loaded %s (%s) in %.1f s", loaded.source, loaded.kind, load_s)
+    tok = loaded.tokenizer
+    stream = None
+    if not args.json and len(prompts) == 1:  # print the completion as it is produced
+        ids: list[int] = []
+        shown = [""]
+
+        def stream(tokens, active) -> None:
+            if not active[0]:
+                return
+            ids.append(int(tokens[0]))
+            text = tok.decode(ids, skip_special_tokens=True)
+            if text.startswith(shown[0]) and not text.endswith("\ufffd"):  # wait for complete characters
+                sys.stdout.write(text[len(shown[0]):])
+                sys.stdout.flush()
+                shown[0] = text
+
+    res = gen.generate(
+        loaded.model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        chat=args.chat, max_length=args.max_length, stream=stream,
+    )
+    if not args.json:
+        if stream is not None:
+            rest = res.texts[0][len(shown[0]):] if res.texts[0].startswith(shown[0]) else ""
+            print(rest)
+        else:
+            for i, text in enumerate(res.texts):
+                print(f"--- [{i}] {prompts[i]}\n{text}")
+    out = {"model": loaded.source, "kind": loaded.kind, "dtype": dtype, **res.to_dict(), "load_s": load_s}
+    out["_table"] = [
+        ("new_tokens", sum(len(t) for t in res.token_ids)), ("batch_size", res.batch_size),
+        ("time_to_first_token_s", res.time_to_first_token_s), ("tokens_per_s", res.decode_tokens_per_s),
+        ("compile_s", res.compile_s), ("load_s", load_s),
+    ]
+    return out
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> dict:
+    import gc
+
+    import jax
+
+    from gptq_jax import generate as gen
+    from gptq_jax import model_io
+
+    dtype = _generate_dtype(args.dtype)
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--batch-sizes {args.batch_sizes!r}: use a comma-separated list like 1,8,32") from None
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes {args.batch_sizes!r}: batch sizes must be >= 1")
+    if args.random_config and args.model:
+        raise ValueError("give either MODEL or --random-config, not both")
+
+    def variants():
+        if args.random_config:
+            config = gen.random_config(args.random_config)
+            yield f"dense {dtype}", lambda: gen.random_model(config, dtype=dtype, seed=args.seed)
+            yield (f"gptq {args.bits}-bit g{args.group_size}",
+                   lambda: gen.random_model(config, dtype=dtype, bits=args.bits, group_size=args.group_size,
+                                            seed=args.seed))
+        else:
+            loaded = model_io.load_model(args.model, dtype=dtype)
+            holder = [loaded.model]  # handed over once, so the bench loop holds the only reference
+            name = f"{loaded.kind} {dtype}"
+            del loaded
+            yield name, holder.pop
+        if args.quantized:
+            yield f"gptq {dtype} ({args.quantized})", lambda: model_io.load_model(args.quantized, dtype=dtype).model
+
+    nbytes = (1 << 30) if jax.default_backend() == "gpu" else (1 << 26)
+    bandwidth = gen.copy_bandwidth(nbytes)
+    rows = []
+    for name, build in variants():
+        model = build()
+        for r in gen.bench_generate(model, batch_sizes=batch_sizes, prompt_len=args.prompt_len,
+                                    new_tokens=args.new_tokens, seed=args.seed, repeats=args.repeats):
+            bound = bandwidth / r["weight_bytes"]  # decode steps/s if every step only read the weights once
+            rows.append({"variant": name, **r, "bandwidth_bound_steps_per_s": bound,
+                         "fraction_of_bound": r["decode_steps_per_s"] / bound})
+        del model
+        gc.collect()
+    if not args.json:
+        print(f"{'variant':<28} {'batch':>5} {'TTFT ms':>9} {'decode tok/s':>13} {'steps/s':>9} "
+              f"{'bound':>8} {'of bound':>8} {'weights GB':>10}")
+        for r in rows:
+            print(f"{r['variant']:<28} {r['batch']:>5} {r['time_to_first_token_s'] * 1e3:>9.1f} "
+                  f"{r['decode_tokens_per_s']:>13.1f} {r['decode_steps_per_s']:>9.1f} "
+                  f"{r['bandwidth_bound_steps_per_s']:>8.1f} {r['fraction_of_bound']:>8.2f} "
+                  f"{r['weight_bytes'] / 1e9:>10.3f}")
+    return {"model": args.model or f"random:{args.random_config}", "dtype": dtype, "device": str(jax.devices()[0]),
+            "copy_bandwidth_GBps": bandwidth / 1e9, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "rows": rows, "_table": [("device", str(jax.devices()[0])), ("copy_bandwidth_GBps", bandwidth / 1e9)]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptq-jax", description="GPTQ quantization for LLaMA-family models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -328,6 +448,43 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     common(q)
     q.set_defaults(func=cmd_quantize, title="quantize")
+
+    gen = sub.add_parser("generate", help="generate text with a KV cache (GPTQ checkpoints run the GPU kernels)")
+    gen.add_argument("model", nargs="?", default=None,
+                     help=model_help + "; or a GPTQ (AutoGPTQ / GPTQModel / gptq-jax) checkpoint directory")
+    gen.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    gen.add_argument("--prompts-file", default=None, help="a file with one prompt per line (batched)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 = off (transformers')")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--max-length", type=int, default=None,
+                     help="KV cache slots per prompt (default: padded prompt + max-new-tokens, rounded up to 128)")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="compute dtype (auto: float16 on GPU, float32 on CPU)")
+    common(gen)
+    gen.set_defaults(func=cmd_generate, title="generate")
+
+    bg = sub.add_parser("bench-generate", help="time to first token, decode tokens/s and weight memory")
+    bg.add_argument("model", nargs="?", default=None, help=model_help + " (or use --random-config)")
+    bg.add_argument("--quantized", default=None, help="also bench this GPTQ checkpoint of the same model")
+    bg.add_argument("--random-config", default=None,
+                    help="random weights made on the device: llama2-7b | llama3-8b | smollm2-135m | tiny "
+                         "(dense and GPTQ variants)")
+    bg.add_argument("--bits", type=int, default=4, help="bits of the random GPTQ variant (default 4)")
+    bg.add_argument("--group-size", type=int, default=128, help="group size of the random GPTQ variant")
+    bg.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default 1)")
+    bg.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    bg.add_argument("--new-tokens", type=int, default=256, help="new tokens (default 256)")
+    bg.add_argument("--repeats", type=int, default=2, help="timed runs per point after the compiling one")
+    bg.add_argument("--seed", type=int, default=0)
+    bg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="compute dtype (auto: float16 on GPU, float32 on CPU)")
+    common(bg)
+    bg.set_defaults(func=cmd_bench_generate, title="bench-generate")
     return p
 
 

@@ -20,6 +20,11 @@ Running one decoder layer alone (the GPTQ pipeline does)::
         hidden = layer(hidden, positions, attention_mask)         # attention_mask (B, T) or None
     hidden = model.model.norm(hidden)
 
+Incremental decoding (gptq_jax/generate.py): `LlamaForCausalLM.hidden_states_cached` runs T new tokens through a
+preallocated per-layer KV cache ((k, v), each (B, S, kv_heads, head_dim)), writing them at cache slots
+start..start+T-1 and attending over the slots `kv_valid` marks (causal in slot order, sliding window in slot order
+as transformers). The no-cache path is untouched.
+
 Jit: the model is an NNX module; use ``nnx.jit`` or `jit_forward` (nnx.split once + jax.jit); shapes and the
 config are static, so each (B, T) shape compiles once.
 """
@@ -126,6 +131,23 @@ def attention_mask_4d(attention_mask: jax.Array | None, batch: int, seq_len: int
     return allowed
 
 
+LayerCache = tuple[jax.Array, jax.Array]  # (k, v), each (B, S, kv_heads, head_dim): one layer's KV cache
+
+
+def cache_attention_mask(kv_valid: jax.Array, start: jax.Array, seq_len: int,
+                         sliding_window: int | None = None) -> jax.Array:
+    """Boolean (B, 1, T, S) mask for T queries at cache slots start..start+T-1 over S cache slots: key slot s is
+    allowed when s <= the query's slot (causal), `kv_valid[b, s]` (not padding) and, with a sliding window,
+    s > query slot - window (transformers' rule, in slot = sequence-index space)."""
+    s = kv_valid.shape[1]
+    q = jnp.asarray(start, jnp.int32) + jnp.arange(seq_len, dtype=jnp.int32)[:, None]
+    k = jnp.arange(s, dtype=jnp.int32)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed = allowed & (k > q - sliding_window)
+    return allowed[None, None] & (kv_valid[:, None, None, :] > 0)
+
+
 def _fused_attention_available(dtype: jnp.dtype) -> bool:
     """Whether to use cuDNN's fused causal attention: on CUDA GPUs for 16-bit compute dtypes (fp32 stays on the
     XLA path, whose float32 softmax the CPU tests compare against transformers)."""
@@ -151,11 +173,7 @@ class LlamaAttention(nnx.Module):
         """
         b, t, _ = x.shape
         kv, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).reshape(b, t, kv * g, d)
-        k = self.k_proj(x).reshape(b, t, kv, d)
-        v = self.v_proj(x).reshape(b, t, kv, d)
-        q = _apply_rotary(q, cos, sin)
-        k = _apply_rotary(k, cos, sin)
+        q, k, v = self._qkv(x, cos, sin)
         if mask is None:
             if _fused_attention_available(self.dtype):
                 out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
@@ -167,6 +185,42 @@ class LlamaAttention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32).astype(self.dtype)
         return self.o_proj(out.reshape(b, t, kv * g * d))
+
+    def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Projections + rotary: q (B, T, heads, D), k and v (B, T, kv_heads, D) in the compute dtype."""
+        b, t, _ = x.shape
+        kv, d = self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).reshape(b, t, self.num_heads, d)
+        k = self.k_proj(x).reshape(b, t, kv, d)
+        v = self.v_proj(x).reshape(b, t, kv, d)
+        return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin), v
+
+    def cached(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: LayerCache,
+               start: jax.Array) -> tuple[jax.Array, LayerCache]:
+        """Attention through a preallocated KV cache.
+
+        x (B, T, hidden); cos/sin (B, T, head_dim) float32; cache (k, v) each (B, S, kv_heads, head_dim);
+        start: int32 scalar, the cache slot of x's first token (the same for every row: left padding keeps the
+        rows aligned). The new k/v are written at slots start..start+T-1 (`dynamic_update_slice`), then the
+        queries attend over all S slots under `mask` (B, 1, T, S) bool (`cache_attention_mask`).
+        Returns (output (B, T, hidden), updated cache).
+        """
+        b, t, _ = x.shape
+        kv, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        q, k, v = self._qkv(x, cos, sin)
+        k_cache, v_cache = cache
+        zero = jnp.zeros((), jnp.int32)
+        idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
+        q = q.reshape(b, t, kv, g, d)
+        kc = k_cache.astype(self.dtype)
+        vc = v_cache.astype(self.dtype)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, kc, preferred_element_type=jnp.float32) * (d ** -0.5)
+        scores = jnp.where(mask[:, :, None, :, :], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, vc, preferred_element_type=jnp.float32).astype(self.dtype)
+        return self.o_proj(out.reshape(b, t, kv * g * d)), (k_cache, v_cache)
 
 
 class LlamaMLP(nnx.Module):
@@ -206,6 +260,17 @@ class LlamaDecoderLayer(nnx.Module):
         h = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def cached(self, hidden: jax.Array, positions: jax.Array, kv_valid: jax.Array, cache: LayerCache,
+               start: jax.Array) -> tuple[jax.Array, LayerCache]:
+        """One block through its KV cache: hidden (B, T, hidden); positions (B, T) int (rotary); kv_valid (B, S)
+        0/1 marks cache slots holding real tokens; start: the slot of hidden's first token -> (hidden, cache)."""
+        t = hidden.shape[1]
+        cos, sin = rotary_cos_sin(self.config, positions)
+        mask = cache_attention_mask(kv_valid, start, t, self.sliding_window)
+        a, cache = self.self_attn.cached(self.input_layernorm(hidden), cos, sin, mask, cache, start)
+        h = hidden + a
+        return h + self.mlp(self.post_attention_layernorm(h)), cache
+
 
 class LlamaModel(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype: DTypeLike, param_dtype: DTypeLike, rngs: nnx.Rngs):
@@ -225,6 +290,16 @@ class LlamaModel(nnx.Module):
         for layer in self.layers:
             h = layer(h, positions, attention_mask)
         return self.norm(h)
+
+    def cached(self, input_ids: jax.Array, positions: jax.Array, kv_valid: jax.Array,
+               caches: tuple[LayerCache, ...], start: jax.Array) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        """`LlamaDecoderLayer.cached` over every layer -> (final-norm hidden (B, T, hidden), caches)."""
+        h = self.embed_tokens(input_ids)
+        out = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            h, cache = layer.cached(h, positions, kv_valid, cache, start)
+            out.append(cache)
+        return self.norm(h), tuple(out)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -267,6 +342,24 @@ class LlamaForCausalLM(nnx.Module):
         """input_ids (B, T) int32 -> final-norm hidden states (B, T, hidden) in the compute dtype."""
         self._check_inputs(input_ids, attention_mask)
         return self.model(input_ids, attention_mask, positions)
+
+    def hidden_states_cached(self, input_ids: jax.Array, positions: jax.Array, kv_valid: jax.Array,
+                             caches: tuple[LayerCache, ...], start: jax.Array
+                             ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        """Incremental forward through a KV cache (prefill: T = prompt length; decode: T = 1).
+
+        input_ids (B, T) int32 sit at cache slots start..start+T-1 (start: int32 scalar, shared by the rows);
+        positions (B, T) int32 rotary positions (per row: left padding shifts them); kv_valid (B, S) 0/1, the
+        cache slots that hold (or will hold) real tokens; caches: one (k, v) per layer, each
+        (B, S, kv_heads, head_dim). Returns (final-norm hidden (B, T, hidden), updated caches). Apply `logits`
+        to the positions you need. The no-cache `__call__` is unchanged (and keeps the fused attention path).
+        """
+        if input_ids.ndim != 2 or positions.shape != input_ids.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} must "
+                             "both be (batch, seq_len)")
+        if len(caches) != self.config.num_hidden_layers:
+            raise ValueError(f"{len(caches)} layer caches for {self.config.num_hidden_layers} layers")
+        return self.model.cached(input_ids, positions, kv_valid, caches, start)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden (..., hidden) -> float32 logits (..., vocab) (apply it to chunks of T to save memory)."""
