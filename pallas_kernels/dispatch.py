@@ -5,6 +5,11 @@ configuration from `TABLE`; beyond it, dequantize then XLA dot (the weight is ma
 ExLlamaV2 does above 50 rows, reference 4.3). CPU, or float32 activations: the XLA reference (dense float32
 dequantization, float32 dot).
 
+Gradients: `gptq_linear` is differentiable w.r.t. x and bias (a `jax.custom_vjp`); the quantized weight is frozen
+(its cotangent is zero). The backward dX = dY @ dequant(W)^T runs through the fused transposed kernel
+(`matmul_t.gptq_matmul_t`: no dense weight is materialised) on the "pallas"/"interpret" backends for fp16/bf16
+activations, and through the XLA reference (`matmul_t.reference_t`) otherwise; dbias = sum of dY over rows.
+
 `TABLE` was tuned on an H100 (benchmarks/bench_kernels.py --sweep; benchmarks/RESULTS.md). split_k is derived
 per shape: enough K splits that (N tiles x M tiles x splits) reaches the row's target number of programs.
 """
@@ -12,15 +17,18 @@ per shape: enough K splits that (N tiles x M tiles x splits) reaches the row's t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.gptq_layout import GPTQWeight
 from pallas_kernels.matmul import KernelConfig, gptq_matmul, reference
+from pallas_kernels.matmul_t import KernelConfigT, gptq_matmul_t, reference_t
 
-__all__ = ["Rule", "TABLE", "choose_config", "gptq_linear"]
+__all__ = ["Rule", "TABLE", "TABLE_T", "choose_config", "gptq_linear"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +50,18 @@ TABLE: tuple[Rule, ...] = (
     Rule(64, KernelConfig(mode="dot", block_m=64, block_n=128, num_warps=4, convert="asm"), 264),
     Rule(1 << 62, None),
 )
+
+
+# Backward (dX = dY @ W^T) configuration of the fused transposed kernel, by rows of dY.
+TABLE_T: tuple[tuple[int, KernelConfigT], ...] = (
+    (64, KernelConfigT(block_m=16, block_n=64)),
+    (1 << 62, KernelConfigT(block_m=64, block_n=64)),
+)
+
+
+def choose_config_t(m: int, table=TABLE_T) -> KernelConfigT:
+    """Transposed-kernel configuration for M rows of dY."""
+    return next(cfg for max_m, cfg in table if m <= max_m)
 
 
 def choose_config(w: GPTQWeight, m: int, table: tuple[Rule, ...] = TABLE) -> KernelConfig | None:
@@ -90,12 +110,52 @@ def gptq_linear(
         raise ValueError(f"backend={backend!r}: use 'pallas', 'interpret' or 'xla'")
     if m == 0:
         return jnp.zeros((*lead, n), out_dtype)
-    if backend == "xla" or not kernel_dtype:
-        y = reference(x2, w, bias, out_dtype=out_dtype)
-    else:
-        cfg = config or choose_config(w, m)
-        if cfg is None:
-            y = reference(x2, w, bias, out_dtype=out_dtype, dense_dtype=x.dtype)
-        else:
-            y = gptq_matmul(x2, w, bias, config=cfg, interpret=backend == "interpret", out_dtype=out_dtype)
+    y = _linear_fn(backend if kernel_dtype else "xla", config, out_dtype, bias is not None)(x2, w, bias)
     return y.reshape(*lead, n)
+
+
+def _forward(x2: jax.Array, w: GPTQWeight, bias, backend: str, config: KernelConfig | None, out_dtype) -> jax.Array:
+    if backend == "xla":
+        return reference(x2, w, bias, out_dtype=out_dtype)
+    cfg = config or choose_config(w, x2.shape[0])
+    if cfg is None:
+        return reference(x2, w, bias, out_dtype=out_dtype, dense_dtype=x2.dtype)
+    return gptq_matmul(x2, w, bias, config=cfg, interpret=backend == "interpret", out_dtype=out_dtype)
+
+
+def _backward_x(dy: jax.Array, w: GPTQWeight, backend: str, x_dtype) -> jax.Array:
+    """dX = dY @ dequant(W)^T in x's dtype."""
+    if backend == "xla":
+        return reference_t(dy, w, out_dtype=x_dtype)
+    dy = dy.astype(x_dtype)
+    cfg = choose_config_t(dy.shape[0])
+    return gptq_matmul_t(dy, w, config=cfg, interpret=backend == "interpret", out_dtype=x_dtype)
+
+
+def _zero_cotangent(a):
+    """Zero cotangent of a frozen weight leaf (float0 for integer arrays)."""
+    if jnp.issubdtype(a.dtype, jnp.integer):
+        return np.zeros(a.shape, jax.dtypes.float0)
+    return jnp.zeros_like(a)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_fn(backend: str, config: KernelConfig | None, out_dtype, has_bias: bool):
+    """f(x2, w, bias) with a custom VJP: gradients for x2 and bias, zero for the frozen quantized weight."""
+
+    @jax.custom_vjp
+    def f(x2, w, bias):
+        return _forward(x2, w, bias if has_bias else None, backend, config, out_dtype)
+
+    def fwd(x2, w, bias):
+        return f(x2, w, bias), (w, jnp.zeros((0,), x2.dtype), bias)  # x's dtype travels as an empty array
+
+    def bwd(res, dy):
+        w, x_proto, bias = res
+        dx = _backward_x(dy, w, backend, x_proto.dtype)
+        dw = jax.tree.map(_zero_cotangent, w)
+        db = None if bias is None else jnp.sum(dy.astype(jnp.float32), axis=0).astype(bias.dtype)
+        return dx, dw, db
+
+    f.defvjp(fwd, bwd)
+    return f
