@@ -404,7 +404,7 @@ def _program_size(n: int, k: int) -> int:
     f = functools.partial(solver_mod._sweep.__wrapped__, spec=spec)
     W = jnp.zeros((n, k), jnp.float32)
     t = jnp.asarray(True)
-    closed = jax.make_jaxpr(f)(W, W, jnp.eye(k), jnp.arange(k), jnp.float32(15), t, t, t)
+    closed = jax.make_jaxpr(f)(W, W, jnp.eye(k), jnp.arange(k), jnp.float32(15), t, t, t, t)
     return _count_eqns(closed.jaxpr)
 
 
