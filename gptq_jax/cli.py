@@ -66,6 +66,11 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     loaded = model_io.load_model(args.model, dtype=args.dtype)
+    if args.adapter:
+        from gptq_jax.models.lora import load_adapter
+
+        lcfg = load_adapter(loaded.model, args.adapter)
+        log.info("LoRA adapter %s: r=%d alpha=%s", args.adapter, lcfg.r, lcfg.lora_alpha)
     load_s = time.perf_counter() - t0
     log.info("loaded %s (%s) in %.1f s", loaded.source, loaded.kind, load_s)
     text = texts.load_text(args.dataset, args.split)
@@ -370,6 +375,48 @@ def cmd_bench_generate(args: argparse.Namespace) -> dict:
             "rows": rows, "_table": [("device", str(jax.devices()[0])), ("copy_bandwidth_GBps", bandwidth / 1e9)]}
 
 
+def cmd_finetune(args: argparse.Namespace) -> dict:
+    from gptq_jax import finetune as ft
+    from gptq_jax import model_io
+    from gptq_jax.models.lora import LoraConfig
+
+    targets = args.target_regex or [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    lcfg = LoraConfig(r=args.rank, lora_alpha=args.alpha if args.alpha is not None else 2 * args.rank,
+                      lora_dropout=args.dropout, target_modules=targets, use_rslora=args.rslora)
+    tcfg = ft.TrainConfig(steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, grad_accum=args.grad_accum,
+                          lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                          max_grad_norm=args.max_grad_norm or None, eval_every=args.eval_every,
+                          eval_windows=args.eval_windows, seed=args.seed, remat=args.remat)
+    t0 = time.perf_counter()
+    loaded = model_io.load_model(args.model, dtype=args.dtype)
+    log.info("loaded %s (%s) in %.1f s", loaded.source, loaded.kind, time.perf_counter() - t0)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tcfg.steps, desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(ev: dict) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"loss {ev['loss']:.4f}")
+            bar.update(ev["step"] - bar.n)
+
+    try:
+        res = ft.finetune(loaded, args.dataset, args.out, lcfg, tcfg, split=args.split, overwrite=args.overwrite,
+                          progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    out = {"model": loaded.source, "kind": loaded.kind, "dataset": args.dataset, "rank": lcfg.r,
+           "alpha": lcfg.lora_alpha, **res.to_dict(), "seconds": time.perf_counter() - t0}
+    out["_table"] = [("model", loaded.source), ("adapted_modules", len(res.adapted_modules)), ("steps", res.steps),
+                     ("initial_ppl", res.initial_eval.ppl), ("final_ppl", res.final_eval.ppl),
+                     ("train_s", res.train_s), ("adapter", str(args.out))]
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptq-jax", description="GPTQ quantization for LLaMA-family models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -390,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     e.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to apply (gptq-jax finetune --out)")
     common(e)
     e.set_defaults(func=cmd_eval, title="perplexity")
 
@@ -467,6 +515,38 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compute dtype (auto: float16 on GPU, float32 on CPU)")
     common(gen)
     gen.set_defaults(func=cmd_generate, title="generate")
+
+    f = sub.add_parser("finetune", help="train LoRA adapters on a frozen (GPTQ or dense) model; PEFT output")
+    f.add_argument("model", nargs="?", default=None, help=model_help + "; a GPTQ checkpoint trains over the "
+                   "frozen quantized weights")
+    f.add_argument("--dataset", default="tinystories", help="tinystories | wikitext2 | c4 | a local file | hub id")
+    f.add_argument("--split", default=None, help="dataset split (the last 10%% of documents are held out)")
+    f.add_argument("--out", required=True, help="adapter output directory (adapter_model.safetensors + "
+                   "adapter_config.json)")
+    f.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    f.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2 * rank)")
+    f.add_argument("--dropout", type=float, default=0.05, help="lora_dropout (default 0.05)")
+    f.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated module names (suffix match, as PEFT), or all-linear")
+    f.add_argument("--target-regex", default=None, help="a regex matching whole module names (overrides "
+                   "--target-modules)")
+    f.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
+    f.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    f.add_argument("--batch-size", type=int, default=4, help="segments per micro-batch (default 4)")
+    f.add_argument("--seqlen", type=int, default=256, help="tokens per segment (default 256)")
+    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    f.add_argument("--warmup-steps", type=int, default=10)
+    f.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm clipping (0: none)")
+    f.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (0: start/end)")
+    f.add_argument("--eval-windows", type=int, default=32, help="held-out windows per evaluation")
+    f.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    f.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    common(f)
+    f.set_defaults(func=cmd_finetune, title="finetune")
 
     bg = sub.add_parser("bench-generate", help="time to first token, decode tokens/s and weight memory")
     bg.add_argument("model", nargs="?", default=None, help=model_help + " (or use --random-config)")
