@@ -1,0 +1,140 @@
+"""Decode speed of 4-bit GPTQ vs fp16 through gptq-jax's generate loop (issue 6), on random weights made on the GPU.
+
+    PYTHONPATH=. python benchmarks/bench_generate.py [--configs llama2-7b,smollm2-135m] [--batch-sizes 1,8,32]
+        [--prompt-len 128] [--new-tokens 256] [--repeats 1] [--json OUT.json]
+
+For each LLaMA-shaped config (gptq_jax.generate.RANDOM_CONFIGS; no 7B checkpoint can be fetched here) it builds a
+dense float16 model and a 4-bit GPTQ model (every decoder linear a QuantLinear with random codes, symmetric, group
+128; SmolLM2's 576-wide layers use group 64), each directly on the device, then times prefill + greedy decode
+(`gptq_jax.generate.bench_generate`: no EOS, best of `repeats` runs after the compiling one). Reported: time to
+first token, decode tokens/s (whole batch), steps/s (per sequence), weight bytes, and the memory-bandwidth bound
+for batch 1: measured copy bandwidth / weight bytes (every decode step reads every weight once; the KV cache and
+activations are not counted, so at large batches the true bound is lower).
+
+It also checks that the quantized model's greedy tokens are the same through the Pallas kernels (the dispatcher's
+choice on a GPU for fp16) and through the dispatcher's XLA reference path (`backend="xla"`), on a small random
+model with left-padded prompts of different lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptq_jax import generate as gen
+
+GROUPS = {"llama2-7b": 128, "llama3-8b": 128, "smollm2-135m": 64, "tiny": 128}
+
+
+@contextlib.contextmanager
+def xla_backend():
+    """Route QuantLinear through the dispatcher's XLA reference (backend="xla") inside the block."""
+    import pallas_kernels.dispatch as dispatch
+    import gptq_jax.models.quant_linear as ql
+
+    patched = []
+    for mod in (ql, dispatch):
+        fn = getattr(mod, "gptq_linear", None)
+        if fn is not None:
+            patched.append((mod, fn))
+            setattr(mod, "gptq_linear", functools.partial(fn, backend="xla"))
+    if not any(mod is ql for mod, _ in patched) and "dispatch" not in vars(ql):
+        raise RuntimeError("QuantLinear does not call pallas_kernels.dispatch.gptq_linear; nothing to compare")
+    gen._EXECUTABLES.clear()  # the compiled executables captured the other path
+    try:
+        yield
+    finally:
+        for mod, fn in patched:
+            setattr(mod, "gptq_linear", fn)
+        gen._EXECUTABLES.clear()
+
+
+def pallas_vs_xla(config_name: str = "smollm2-135m", new_tokens: int = 48) -> dict:
+    """Greedy tokens of a random 4-bit model: Pallas path vs XLA reference path (fp16, batch of 4 padded prompts)."""
+    config = gen.random_config(config_name)
+    model = gen.random_model(config, dtype=jnp.float16, bits=4, group_size=GROUPS[config_name], seed=1)
+    emb = model.model.embed_tokens.weight  # (tied) logits with a wide spread: no near-ties for fp16 noise to flip
+    emb.set_value(emb.get_value() * 25)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in (5, 17, 40, 64)]
+    gen._EXECUTABLES.clear()
+    pallas, _, _ = gen.generate_ids(model, prompts, max_new_tokens=new_tokens, eos_token_ids=())
+    with xla_backend():
+        xla, _, _ = gen.generate_ids(model, prompts, max_new_tokens=new_tokens, eos_token_ids=())
+    same = sum(a == b for pa, xa in zip(pallas, xla) for a, b in zip(pa, xa))
+    first_diff = [next((j for j, (a, b) in enumerate(zip(pa, xa)) if a != b), None) for pa, xa in zip(pallas, xla)]
+    return {"config": config_name, "tokens": len(prompts) * new_tokens, "same_tokens": int(same),
+            "equal": pallas == xla, "first_difference_per_row": first_diff}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="llama2-7b,smollm2-135m")
+    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--skip-check", action="store_true", help="skip the Pallas vs XLA greedy-token check")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    print(f"device: {jax.devices()[0]} (jax {jax.__version__})", flush=True)
+    out: dict = {"device": str(jax.devices()[0]), "jax": jax.__version__, "prompt_len": args.prompt_len,
+                 "new_tokens": args.new_tokens, "date": time.strftime("%Y-%m-%d")}
+    if not args.skip_check:
+        t0 = time.perf_counter()
+        try:
+            out["pallas_vs_xla"] = pallas_vs_xla()
+        except Exception as e:  # report and go on to the timings
+            out["pallas_vs_xla"] = {"error": f"{type(e).__name__}: {e}"}
+        print("pallas vs xla:", out["pallas_vs_xla"], f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    bw = gen.copy_bandwidth(1 << 30 if jax.default_backend() == "gpu" else 1 << 26)
+    out["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"copy bandwidth: {bw / 1e9:.0f} GB/s", flush=True)
+    rows = []
+    for name in args.configs.split(","):
+        config = gen.random_config(name)
+        for bits in (None, args.bits):
+            t0 = time.perf_counter()
+            model = gen.random_model(config, dtype=jnp.float16, bits=bits, group_size=GROUPS[name])
+            jax.block_until_ready(jax.tree_util.tree_leaves(nnx.state(model)))
+            variant = "fp16" if bits is None else f"gptq{bits}-g{GROUPS[name]}"
+            for r in gen.bench_generate(model, batch_sizes=batches, prompt_len=args.prompt_len,
+                                        new_tokens=args.new_tokens, repeats=args.repeats):
+                bound = bw / r["weight_bytes"]
+                row = {"config": name, "variant": variant, **r, "bound_steps_per_s": bound,
+                       "fraction_of_bound": r["decode_steps_per_s"] / bound}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            print(f"{name} {variant}: {time.perf_counter() - t0:.0f} s", flush=True)
+            del model
+            gc.collect()
+    out["rows"] = rows
+    print(f"\n{'config':<13} {'variant':<11} {'B':>3} {'TTFT ms':>8} {'tok/s':>9} {'steps/s':>8} "
+          f"{'vs fp16':>7} {'bound':>7} {'of bound':>8} {'weights GB':>10}")
+    for r in rows:
+        base = next(x for x in rows if x["config"] == r["config"] and x["variant"] == "fp16"
+                    and x["batch"] == r["batch"])
+        r["speedup_vs_fp16"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        print(f"{r['config']:<13} {r['variant']:<11} {r['batch']:>3} {r['time_to_first_token_s'] * 1e3:>8.1f} "
+              f"{r['decode_tokens_per_s']:>9.1f} {r['decode_steps_per_s']:>8.1f} {r['speedup_vs_fp16']:>7.2f} "
+              f"{r['bound_steps_per_s']:>7.1f} {r['fraction_of_bound']:>8.2f} {r['weight_bytes'] / 1e9:>10.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
