@@ -372,3 +372,30 @@ def test_smollm2_greedy_equals_transformers_generate():
             expected = expected[: next(j for j, t in enumerate(expected) if t in eos) + 1]
         assert res.token_ids[i] == expected, p
     assert any(len(r) == 32 for r in res.token_ids)
+
+
+
+def test_sliding_window_and_gqa_cached_logits_equal_full_forward():
+    hf = {"model_type": "mistral", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+          "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "sliding_window": 6}
+    model = G.random_model(ModelConfig.from_hf(hf), dtype=jnp.float32, seed=3)
+    seq = np.random.default_rng(0).integers(0, 128, (1, 24)).astype(np.int32)
+    full = np.asarray(jit_forward(model)(jnp.asarray(seq)))[0]
+    graphdef, params = nnx.split(model)
+    cached = jax.jit(lambda *a: nnx.merge(graphdef, params).hidden_states_cached(*a))
+    cache = G.KVCache.empty(model.config, 1, 32, jnp.float32)
+    kv_valid = jnp.ones((1, 32), jnp.int32)
+    h, layers = cached(jnp.asarray(seq[:, :16]), jnp.arange(16, dtype=jnp.int32)[None], kv_valid, cache.layers,
+                       jnp.int32(0))
+    got = [np.asarray(model.logits(h))[0]]
+    for t in range(16, 24):
+        h, layers = cached(jnp.asarray(seq[:, t:t + 1]), jnp.full((1, 1), t, jnp.int32), kv_valid, layers,
+                           jnp.int32(t))
+        got.append(np.asarray(model.logits(h))[0])
+    np.testing.assert_allclose(np.concatenate(got), full, rtol=1e-5, atol=1e-5)
+    # the window matters here: without it the late positions differ
+    for layer in model.model.layers:
+        layer.sliding_window = None
+    wide = np.asarray(jit_forward(model)(jnp.asarray(seq)))[0]
+    assert np.abs(wide[16:] - full[16:]).max() > 1e-3
