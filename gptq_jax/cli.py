@@ -386,7 +386,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     lcfg = LoraConfig(r=args.rank, lora_alpha=args.alpha if args.alpha is not None else 2 * args.rank,
                       lora_dropout=args.dropout, target_modules=targets, use_rslora=args.rslora)
     tcfg = ft.TrainConfig(steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen, grad_accum=args.grad_accum,
-                          lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                          lr=args.lr, weight_decay=args.weight_decay, warmup_steps=min(args.warmup_steps, args.steps),
                           max_grad_norm=args.max_grad_norm or None, eval_every=args.eval_every,
                           eval_windows=args.eval_windows, seed=args.seed, remat=args.remat)
     t0 = time.perf_counter()
