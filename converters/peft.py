@@ -114,7 +114,9 @@ def write_peft_adapter(out_dir: str | os.PathLike, tensors: Mapping[str, tuple[n
     return Path(out_dir)
 
 
-def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+def read_peft_adapter(
+    adapter_dir: str | os.PathLike,
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """(adapter_config dict, {module: (A (r, in), B (out, r))}) of a PEFT LoRA adapter directory."""
     d = Path(adapter_dir)
     cfg_path, w_path = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
