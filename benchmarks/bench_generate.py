@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -59,9 +60,11 @@ def xla_backend():
         gen._EXECUTABLES.clear()
 
 
-def pallas_vs_xla(config_name: str = "smollm2-135m", new_tokens: int = 48) -> dict:
-    """Greedy tokens of a random 4-bit model: Pallas path vs XLA reference path (fp16, batch of 4 padded prompts)."""
-    config = gen.random_config(config_name)
+def pallas_vs_xla(config_name: str = "smollm2-135m", layers: int = 4, new_tokens: int = 48) -> dict:
+    """Greedy tokens of a random 4-bit model (the config's shapes, `layers` layers): Pallas path vs XLA reference
+    path (fp16, a batch of 4 left-padded prompts of different lengths)."""
+    config = dataclasses.replace(gen.random_config(config_name), num_hidden_layers=layers,
+                                 layer_types=("full_attention",) * layers)
     model = gen.random_model(config, dtype=jnp.float16, bits=4, group_size=GROUPS[config_name], seed=1)
     emb = model.model.embed_tokens.weight  # (tied) logits with a wide spread: no near-ties for fp16 noise to flip
     emb.set_value(emb.get_value() * 25)
@@ -73,14 +76,15 @@ def pallas_vs_xla(config_name: str = "smollm2-135m", new_tokens: int = 48) -> di
         xla, _, _ = gen.generate_ids(model, prompts, max_new_tokens=new_tokens, eos_token_ids=())
     same = sum(a == b for pa, xa in zip(pallas, xla) for a, b in zip(pa, xa))
     first_diff = [next((j for j, (a, b) in enumerate(zip(pa, xa)) if a != b), None) for pa, xa in zip(pallas, xla)]
-    return {"config": config_name, "tokens": len(prompts) * new_tokens, "same_tokens": int(same),
+    return {"config": f"{config_name} ({layers} layers)", "tokens": len(prompts) * new_tokens, "same_tokens": int(same),
             "equal": pallas == xla, "first_difference_per_row": first_diff}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="llama2-7b,smollm2-135m")
-    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--batch-sizes", default="1,8,32", help="per config: 'llama2-7b=1,8,32;smollm2-135m=1,32' or "
+                    "one list for all")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=1)
@@ -88,7 +92,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-check", action="store_true", help="skip the Pallas vs XLA greedy-token check")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+    per_config: dict[str, list[int]] = {}
+    for part in args.batch_sizes.split(";"):
+        name, _, sizes = part.rpartition("=")
+        per_config[name or "*"] = [int(b) for b in sizes.split(",")]
     print(f"device: {jax.devices()[0]} (jax {jax.__version__})", flush=True)
     out: dict = {"device": str(jax.devices()[0]), "jax": jax.__version__, "prompt_len": args.prompt_len,
                  "new_tokens": args.new_tokens, "date": time.strftime("%Y-%m-%d")}
@@ -110,6 +117,7 @@ def main(argv=None) -> int:
             model = gen.random_model(config, dtype=jnp.float16, bits=bits, group_size=GROUPS[name])
             jax.block_until_ready(jax.tree_util.tree_leaves(nnx.state(model)))
             variant = "fp16" if bits is None else f"gptq{bits}-g{GROUPS[name]}"
+            batches = per_config.get(name, per_config.get("*", [1]))
             for r in gen.bench_generate(model, batch_sizes=batches, prompt_len=args.prompt_len,
                                         new_tokens=args.new_tokens, repeats=args.repeats):
                 bound = bw / r["weight_bytes"]
