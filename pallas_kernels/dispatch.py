@@ -52,16 +52,17 @@ TABLE: tuple[Rule, ...] = (
 )
 
 
-# Backward (dX = dY @ W^T) configuration of the fused transposed kernel, by rows of dY.
-TABLE_T: tuple[tuple[int, KernelConfigT], ...] = (
+# Backward (dX = dY @ W^T) configuration of the fused transposed kernel, by rows of dY (None: dequantize, then
+# XLA dot, as the forward does for many rows). Not yet tuned on a GPU (benchmarks/bench_finetune.py compares).
+TABLE_T: tuple[tuple[int, KernelConfigT | None], ...] = (
     (64, KernelConfigT(block_m=16, block_n=64)),
     (1 << 62, KernelConfigT(block_m=64, block_n=64)),
 )
 
 
-def choose_config_t(m: int, table=TABLE_T) -> KernelConfigT:
-    """Transposed-kernel configuration for M rows of dY."""
-    return next(cfg for max_m, cfg in table if m <= max_m)
+def choose_config_t(m: int, table: tuple[tuple[int, KernelConfigT | None], ...] | None = None) -> KernelConfigT | None:
+    """Transposed-kernel configuration for M rows of dY (None: dequantize, then XLA dot); table default TABLE_T."""
+    return next(cfg for max_m, cfg in (table or TABLE_T) if m <= max_m)
 
 
 def choose_config(w: GPTQWeight, m: int, table: tuple[Rule, ...] = TABLE) -> KernelConfig | None:
@@ -129,6 +130,8 @@ def _backward_x(dy: jax.Array, w: GPTQWeight, backend: str, x_dtype) -> jax.Arra
         return reference_t(dy, w, out_dtype=x_dtype)
     dy = dy.astype(x_dtype)
     cfg = choose_config_t(dy.shape[0])
+    if cfg is None:
+        return reference_t(dy, w, out_dtype=x_dtype, dense_dtype=x_dtype)
     return gptq_matmul_t(dy, w, config=cfg, interpret=backend == "interpret", out_dtype=x_dtype)
 
 
