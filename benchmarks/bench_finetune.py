@@ -33,6 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+
+import gptq_jax  # noqa: E402,F401  (first: lets Flax import under JAX 0.11)
 from flax import nnx  # noqa: E402
 
 from gptq_jax.finetune import make_train_step  # noqa: E402
