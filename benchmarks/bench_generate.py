@@ -30,9 +30,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from gptq_jax import generate as gen
+import gptq_jax  # noqa: F401  (first: makes flax import under JAX 0.11)
+from flax import nnx  # noqa: E402
+from gptq_jax import generate as gen  # noqa: E402
 
 GROUPS = {"llama2-7b": 128, "llama3-8b": 128, "smollm2-135m": 64, "tiny": 128}
 
