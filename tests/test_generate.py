@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
 from converters.packing import dequantize_gptq_layer, pack_gptq_layer
-from gptq_jax import cli, model_io
+from gptq_jax import cli, model_io  # gptq_jax first: makes flax import under JAX 0.11
 from gptq_jax import generate as G
 from gptq_jax.models import ModelConfig, jit_forward, model_from_state_dict
 from gptq_jax.models.quant_linear import QuantLinear, quantized_model_from_state_dict
 from tests.conftest import SMOLLM2_GGUF, SMOLLM2_HF, STORIES_HF
+
+from flax import nnx  # noqa: E402  isort: skip
 
 PROMPTS = ["Once upon a time", "The little dog ran to the park and saw a big red ball. He", "Tom"]
 
