@@ -644,9 +644,10 @@ def quantize_model(
             packed, seconds = fut.result()
             pack_cpu += seconds
             lin = get_submodule(model, name)
-            q = QuantLinear(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"],
-                            packed.get("bias"), bits=config.bits, checkpoint_format="gptq_v2", dtype=lin.dtype,
-                            out_dtype=lin.out_dtype)
+            with jax.default_device(host if offload else device):  # the kernel layout is built where layers live
+                q = QuantLinear(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"],
+                                packed.get("bias"), bits=config.bits, checkpoint_format="gptq_v2", dtype=lin.dtype,
+                                out_dtype=lin.out_dtype)
             replace_linear(model, name, q)
         timer.add("pack_wait_s", time.perf_counter() - t0)
         timer.add("pack_cpu_s", pack_cpu)

@@ -56,6 +56,11 @@ def test_forward_matches_float64_reference(bits, fmt, desc_act):
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
     # the dense weight is exactly the checkpoint's dequantization (fp16 scale x small integer is exact in fp32)
     np.testing.assert_array_equal(np.asarray(q.dequantized_weight()).T, dequantize_gptq_layer(t, bits, fmt))
+    # only the kernel layout is held; the AutoGPTQ tensors come back word for word
+    back = q.to_torch_tensors()
+    for key in t:
+        assert back[key].dtype == t[key].dtype, key
+        np.testing.assert_array_equal(back[key], t[key], err_msg=key)
 
 
 def test_tensors_are_held_as_stored_and_are_not_params():
@@ -69,7 +74,15 @@ def test_tensors_are_held_as_stored_and_are_not_params():
         assert out[key].dtype == t[key].dtype, key
         np.testing.assert_array_equal(out[key], t[key])
     assert isinstance(q, LinearLike)
-    assert len(nnx.state(q, nnx.Param)) == 0 and len(nnx.state(q, QuantTensor)) == 5
+    assert len(nnx.state(q, nnx.Param)) == 0
+    # only the kernel layout is held (no second copy of the codes): about the checkpoint's bytes for a real layer
+    for bits, sym, act in ((4, True, False), (3, False, True), (8, False, False)):
+        c, sc, z, gi, _ = make_layer(rng, k=1024, n=512, bits=bits, group=128, desc_act=act, sym=sym)
+        big = pack_gptq_layer(c, sc, z, gi, bits, "gptq_v2")
+        qb = QuantLinear(big["qweight"], big["qzeros"], big["scales"], big["g_idx"], bits=bits,
+                         checkpoint_format="gptq_v2")
+        held = sum(v.nbytes for v in jax.tree.leaves(nnx.state(qb, QuantTensor)))
+        assert held <= 1.05 * sum(v.nbytes for v in big.values()), (bits, held)
     # uint32 words (as some readers produce) are reinterpreted bit for bit
     q2 = QuantLinear(t["qweight"].view(np.uint32), t["qzeros"].view(np.uint32), t["scales"], t["g_idx"], bits=3)
     np.testing.assert_array_equal(q2.to_torch_tensors()["qweight"], t["qweight"])

@@ -1,6 +1,7 @@
-"""QuantLinear: a GPTQ-quantized drop-in for `Linear` (the `LinearLike` seam), holding AutoGPTQ tensors as stored.
+"""QuantLinear: a GPTQ-quantized drop-in for `Linear` (the `LinearLike` seam), computing through the kernels.
 
-Tensors (shared/docs/gptq-reference.md 1.1; K = in_features, N = out_features, b = bits, G = groups):
+It is built from one layer's AutoGPTQ tensors (shared/docs/gptq-reference.md 1.1; K = in_features,
+N = out_features, b = bits, G = groups):
 
     qweight int32 (K*b/32, N)   codes packed along K (1.3)
     qzeros  int32 (G, N*b/32)   zero points packed along N; "gptq" (v1) stores zero - 1, "gptq_v2" the zero (1.4)
@@ -8,15 +9,19 @@ Tensors (shared/docs/gptq-reference.md 1.1; K = in_features, N = out_features, b
     g_idx   int32 (K,)          group of every input channel (1.6)
     bias    (N,) or absent
 
-They are `QuantTensor` variables (not `nnx.Param`: integer codes are not trainable parameters), kept exactly as a
-checkpoint stores them, so `to_torch_tensors()` writes them back unchanged and a model loaded from a checkpoint
-computes the same numbers as the model that was exported.
+and repacks them once, at construction, into the kernels' layout (`pallas_kernels.gptq_layout.prepare`:
+act-order rows sorted so groups are contiguous, codes re-packed per kernel step, zero points resolved, none kept
+for symmetric layers). Only that layout is held, as `QuantTensor` variables (not `nnx.Param`: integer codes are not
+trainable), so a 4-bit layer costs about a quarter of its fp16 weight. `to_torch_tensors()` rebuilds the AutoGPTQ
+tensors exactly (`gptq_layout.to_autogptq`), in the layer's checkpoint format.
 
-Forward (the XLA reference path, used on CPU and until the Pallas kernels are wired in): dequantize
-W[k, n] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n]) in float32 with `pallas_kernels.gptq_layout
-.dequantize_autogptq` (exact: an fp16 scale times a small integer), cast it to the compute `dtype`, and multiply
-with float32 accumulation, exactly as `Linear` does with a dense kernel; the bias is added in float32 and the result
-cast to `out_dtype` (default: the compute dtype).
+Forward: `pallas_kernels.dispatch.gptq_linear` - on a GPU with fp16/bf16 activations the fused Pallas
+dequant-matmul (prefill: dequantize, then XLA dot), elsewhere the XLA reference (dense float32 dequantization,
+float32 dot); accumulation is float32, the bias is added in float32 and the result cast to `out_dtype` (default:
+the compute dtype). It is differentiable in x (custom VJP), so adapters can train on top of a frozen layer.
+
+A layer the kernel layout cannot hold (groups of unequal size, a group size that is not a multiple of the kernel's
+16/32-row sub-step, K not a multiple of 32) is refused with a ValueError that names the reason.
 
 `quantized_model_from_state_dict` builds a whole `LlamaForCausalLM` from an AutoGPTQ-style state dict (quantized
 layers + ordinary tensors) without ever materialising dense weights for the quantized layers.
@@ -35,7 +40,8 @@ from jax.typing import DTypeLike
 from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.linear import INPUTS, LinearLike, get_submodule, replace_linear
 from gptq_jax.models.llama import LlamaForCausalLM, StateDictError
-from pallas_kernels.gptq_layout import dequantize_autogptq
+from pallas_kernels.dispatch import gptq_linear
+from pallas_kernels.gptq_layout import GPTQWeight, dequantize, prepare, to_autogptq
 
 __all__ = ["QuantTensor", "QuantLinear", "quantized_model_from_state_dict", "SUPPORTED_BITS", "CHECKPOINT_FORMATS"]
 
@@ -46,7 +52,7 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 class QuantTensor(nnx.Variable):
-    """A packed GPTQ tensor (codes, zero points, scales, group index, bias): state, but not a trainable Param."""
+    """A packed GPTQ tensor (codes, zero points, scales, permutation, bias): state, but not a trainable Param."""
 
 
 class QuantLinear(nnx.Module):
@@ -55,8 +61,9 @@ class QuantLinear(nnx.Module):
     Args:
       qweight, qzeros, scales, g_idx, bias: one layer's AutoGPTQ tensors (numpy or jax arrays; bias may be None).
       bits: 2, 3, 4 or 8.
-      checkpoint_format: "gptq" (v1: stored zero points are zero - 1) or "gptq_v2".
-      dtype: compute dtype (the dequantized weight and x are cast to it; accumulation is float32).
+      checkpoint_format: "gptq" (v1: stored zero points are zero - 1) or "gptq_v2"; also the format
+        `to_torch_tensors` writes back.
+      dtype: compute dtype (x is cast to it; accumulation is float32).
       out_dtype: dtype of the result; None means `dtype`.
     """
 
@@ -93,50 +100,62 @@ class QuantLinear(nnx.Module):
         for name, arr in (("qweight", qweight), ("qzeros", qzeros), ("g_idx", g_idx)):
             if np.dtype(arr.dtype).kind not in "iu":
                 raise ValueError(f"{name} must be an integer array, got {arr.dtype}")
+        try:
+            w = prepare(_as_jax(qweight, jnp.int32), _as_jax(qzeros, jnp.int32), _as_jax(scales),
+                        np.asarray(g_idx), bits=bits, checkpoint_format=checkpoint_format)
+        except ValueError as e:
+            raise ValueError(f"the GPTQ kernels cannot run this layer: {e}") from None
         self.in_features = int(k)
         self.out_features = int(n)
         self.bits = int(bits)
+        self.group_size = int(w.group_size)
         self.checkpoint_format = str(checkpoint_format)
+        self.scales_dtype = str(np.dtype(scales.dtype))
         self.dtype = jnp.dtype(dtype)
         self.out_dtype = None if out_dtype is None else jnp.dtype(out_dtype)
         self.capture_input = False
-        self.qweight = QuantTensor(_as_jax(qweight, jnp.int32))
-        self.qzeros = QuantTensor(_as_jax(qzeros, jnp.int32))
-        self.scales = QuantTensor(_as_jax(scales))
-        self.g_idx = QuantTensor(_as_jax(g_idx, jnp.int32))
+        self.planes = nnx.List([QuantTensor(p) for p in w.planes])
+        self.scales = QuantTensor(w.scales)
+        self.zeros = None if w.zeros is None else QuantTensor(w.zeros)
+        self.perm = None if w.perm is None else QuantTensor(w.perm)
         self.bias = None if bias is None else QuantTensor(_as_jax(bias))
 
     @property
     def num_groups(self) -> int:
-        return int(self.scales.get_value().shape[0])
+        return 1 if self.group_size == -1 else -(-self.in_features // self.group_size)
+
+    def weight(self) -> GPTQWeight:
+        """The layer in the kernel layout (`pallas_kernels.gptq_layout.GPTQWeight`)."""
+        return GPTQWeight(
+            planes=tuple(p[...] for p in self.planes),
+            scales=self.scales[...],
+            zeros=None if self.zeros is None else self.zeros[...],
+            perm=None if self.perm is None else self.perm[...],
+            bits=self.bits,
+            group_size=self.group_size,
+            in_features=self.in_features,
+            out_features=self.out_features,
+        )
 
     def dequantized_weight(self) -> jax.Array:
         """The dense weight (in_features, out_features) float32 (Flax orientation, like `Linear.kernel`)."""
-        return dequantize_autogptq(
-            self.qweight[...], self.qzeros[...], self.scales[...], self.g_idx[...], bits=self.bits,
-            checkpoint_format=self.checkpoint_format,
-        )
+        dense = dequantize(self.weight())[: self.in_features, : self.out_features]
+        if self.perm is not None:
+            dense = jnp.zeros_like(dense).at[self.perm[...]].set(dense)  # kernel row i is input perm[i]
+        return dense
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., in_features) -> (..., out_features) in `out_dtype` (default: the compute dtype)."""
         if self.capture_input:
             self.sow(nnx.Intermediate, INPUTS, x)
-        w = self.dequantized_weight().astype(self.dtype)
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(self.out_dtype or self.dtype)
+        bias = None if self.bias is None else self.bias[...]
+        return gptq_linear(x.astype(self.dtype), self.weight(), bias, out_dtype=self.out_dtype or self.dtype)
 
     def to_torch_tensors(self) -> dict[str, np.ndarray]:
-        """{"qweight", "qzeros", "scales", "g_idx"[, "bias"]} as numpy, exactly as held (AutoGPTQ layout)."""
-        out = {
-            "qweight": np.asarray(self.qweight[...]),
-            "qzeros": np.asarray(self.qzeros[...]),
-            "scales": np.asarray(self.scales[...]),
-            "g_idx": np.asarray(self.g_idx[...]),
-        }
+        """{"qweight", "qzeros", "scales", "g_idx"[, "bias"]} as numpy in the AutoGPTQ layout, zero points encoded
+        for `checkpoint_format`, scales in the dtype they were given in."""
+        out = to_autogptq(self.weight(), self.checkpoint_format)
+        out["scales"] = out["scales"].astype(self.scales_dtype)
         if self.bias is not None:
             out["bias"] = np.asarray(self.bias[...])
         return out
