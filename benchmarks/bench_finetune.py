@@ -64,11 +64,13 @@ class KernelQuantLinear(nnx.Module):
         self.capture_input = False
         self.planes = QuantTensor(w.planes[0])
         self.scales = QuantTensor(w.scales)
+        self.zeros = None if w.zeros is None else QuantTensor(w.zeros)
 
     def __call__(self, x):
         if self.capture_input:
             self.sow(nnx.Intermediate, INPUTS, x)
-        w = GPTQWeight((self.planes[...],), self.scales[...], None, None, self.bits, self.group_size,
+        zeros = None if self.zeros is None else self.zeros[...]
+        w = GPTQWeight((self.planes[...],), self.scales[...], zeros, None, self.bits, self.group_size,
                        self.in_features, self.out_features)
         return D.gptq_linear(x.astype(self.dtype), w)
 
@@ -76,17 +78,20 @@ class KernelQuantLinear(nnx.Module):
         raise NotImplementedError("bench-only layer")
 
 
-def random_gptq_weight(key, k: int, n: int, bits: int = 4, group: int = 128) -> GPTQWeight:
+def random_gptq_weight(key, k: int, n: int, bits: int = 4, group: int = 128, centered: bool = False) -> GPTQWeight:
+    """Random codes and fp16 scales in the kernel layout. Symmetric (zero point 2^(b-1)) by default, so the weights
+    have mean -0.5 * scale; centered=True stores zero points 2^(b-1) - 0.5 (mean-free weights, the zeros path)."""
     kp = -(-k // STEP_ROWS[bits]) * STEP_ROWS[bits]
     np_ = -(-n // N_ALIGN) * N_ALIGN
     kq, ks = jax.random.split(key)
     plane = jax.lax.bitcast_convert_type(jax.random.bits(kq, (kp * bits // 32, np_), jnp.uint32), jnp.int32)
     std_codes = (2 ** bits) / np.sqrt(12.0)
     scales = (jax.random.uniform(ks, (kp // group, np_), jnp.float32, 0.5, 1.5) * (0.02 / std_codes))
-    return GPTQWeight((plane,), scales.astype(jnp.float16), None, None, bits, group, k, n)
+    zeros = jnp.full(scales.shape, (1 << (bits - 1)) - 0.5, jnp.float16) if centered else None
+    return GPTQWeight((plane,), scales.astype(jnp.float16), zeros, None, bits, group, k, n)
 
 
-def build(variant: str, layers: int, dtype) -> LlamaForCausalLM:
+def build(variant: str, layers: int, dtype, centered: bool = False) -> LlamaForCausalLM:
     config = ModelConfig.from_hf(dict(LLAMA2_7B, num_hidden_layers=layers))
     if variant == "fp16":
         return LlamaForCausalLM(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
@@ -96,7 +101,8 @@ def build(variant: str, layers: int, dtype) -> LlamaForCausalLM:
         if name == "lm_head":
             continue
         replace_linear(model, name, KernelQuantLinear(
-            random_gptq_weight(jax.random.fold_in(key, i), lin.in_features, lin.out_features), dtype))
+            random_gptq_weight(jax.random.fold_in(key, i), lin.in_features, lin.out_features, centered=centered),
+            dtype))
     # the remaining (abstract) dense parameters: embeddings, norms, lm_head
     for j, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
         shape, dt = var.get_value().shape, var.get_value().dtype
@@ -115,7 +121,7 @@ def run_variant(args) -> dict:
         D.TABLE_T = ((1 << 62, KernelConfigT(block_m=args.bwd_block_m, block_n=args.bwd_block_n,
                                              num_warps=args.bwd_warps)),)
     t0 = time.perf_counter()
-    model = build(args.variant, args.layers, dtype)
+    model = build(args.variant, args.layers, dtype, centered=args.centered)
     apply_lora(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS), nnx.Rngs(0))
     step, lora, rng, frozen, opt_state, _ = make_train_step(model, optax.adamw(1e-4), remat=args.remat)
     del model
@@ -182,6 +188,7 @@ def main() -> int:
     p.add_argument("--bwd-block-n", type=int, default=64)
     p.add_argument("--bwd-warps", type=int, default=4)
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--centered", action="store_true", help="mean-free random 4-bit weights (zero points 7.5)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)
@@ -206,6 +213,8 @@ def main() -> int:
                "--bwd-block-n", str(args.bwd_block_n), "--bwd-warps", str(args.bwd_warps)]
         if remat == "remat":
             cmd.append("--remat")
+        if args.centered:
+            cmd.append("--centered")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -6,9 +6,11 @@ ExLlamaV2 does above 50 rows, reference 4.3). CPU, or float32 activations: the X
 dequantization, float32 dot).
 
 Gradients: `gptq_linear` is differentiable w.r.t. x and bias (a `jax.custom_vjp`); the quantized weight is frozen
-(its cotangent is zero). The backward dX = dY @ dequant(W)^T runs through the fused transposed kernel
-(`matmul_t.gptq_matmul_t`: no dense weight is materialised) on the "pallas"/"interpret" backends for fp16/bf16
-activations, and through the XLA reference (`matmul_t.reference_t`) otherwise; dbias = sum of dY over rows.
+(its cotangent is zero). The backward dX = dY @ dequant(W)^T runs on the "pallas"/"interpret" backends for
+fp16/bf16 activations through the fused transposed kernel (`matmul_t.gptq_matmul_t`: no dense weight is
+materialised) up to `TABLE_T`'s row threshold, and beyond it through dequantize-then-dot (a transient dense weight
+per call, freed after the dot, exactly as the forward does for many rows; measured faster on the H100); through the
+XLA reference (`matmul_t.reference_t`) otherwise; dbias = sum of dY over rows.
 
 `TABLE` was tuned on an H100 (benchmarks/bench_kernels.py --sweep; benchmarks/RESULTS.md). split_k is derived
 per shape: enough K splits that (N tiles x M tiles x splits) reaches the row's target number of programs.
@@ -53,10 +55,12 @@ TABLE: tuple[Rule, ...] = (
 
 
 # Backward (dX = dY @ W^T) configuration of the fused transposed kernel, by rows of dY (None: dequantize, then
-# XLA dot, as the forward does for many rows). Not yet tuned on a GPU (benchmarks/bench_finetune.py compares).
+# XLA dot, as the forward does beyond 64 rows). H100, 2026-11-23 (benchmarks/bench_finetune.py, RESULTS.md): at
+# M = 2048 on the 7B shapes the fused kernel (0.36-0.99 ms) loses 3x to dequantize + cuBLAS dot (0.13-0.36 ms), and
+# the whole LoRA step is 0.306 s vs 0.195 s at the same peak memory; small M keeps the fused kernel (untuned).
 TABLE_T: tuple[tuple[int, KernelConfigT | None], ...] = (
     (64, KernelConfigT(block_m=16, block_n=64)),
-    (1 << 62, KernelConfigT(block_m=64, block_n=64)),
+    (1 << 62, None),
 )
 
 
@@ -116,8 +120,9 @@ def gptq_linear(
 
 
 def _forward(x2: jax.Array, w: GPTQWeight, bias, backend: str, config: KernelConfig | None, out_dtype) -> jax.Array:
-    if backend == "xla":
-        return reference(x2, w, bias, out_dtype=out_dtype)
+    if backend == "xla":  # fp16/bf16 x: dequantize into x's dtype, as Linear and the GPU prefill path do
+        half = x2.dtype in (jnp.float16, jnp.bfloat16)
+        return reference(x2, w, bias, out_dtype=out_dtype, dense_dtype=x2.dtype if half else None)
     cfg = config or choose_config(w, x2.shape[0])
     if cfg is None:
         return reference(x2, w, bias, out_dtype=out_dtype, dense_dtype=x2.dtype)
