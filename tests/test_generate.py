@@ -190,6 +190,12 @@ def test_top_k_top_p_sample_exactly_transformers_allowed_sets():
 def _random_gptq_model(bits: int, group_size: int, act_order: bool, seed: int = 0):
     """A stories260K-shaped random LLaMA (intermediate 128 so every K is a multiple of 32) with GPTQ linears, and
     the dense model holding the same dequantized weights."""
+    config, hf, layers, other, dense = _random_gptq_tensors(bits, group_size, act_order, seed)
+    qmodel = quantized_model_from_state_dict(config, layers, other, bits=bits, checkpoint_format="gptq")
+    return qmodel, model_from_state_dict(config, dense), (config, hf, layers, other)
+
+
+def _random_gptq_tensors(bits: int, group_size: int, act_order: bool, seed: int = 0):
     hf = json.loads((STORIES_HF / "config.json").read_text())
     hf["intermediate_size"] = 128
     hf["num_hidden_layers"] = 2
@@ -218,8 +224,7 @@ def _random_gptq_model(bits: int, group_size: int, act_order: bool, seed: int = 
     other = dict(dense)
     for prefix, t in layers.items():
         dense[f"{prefix}.weight"] = dequantize_gptq_layer(t, bits, "gptq")
-    qmodel = quantized_model_from_state_dict(config, layers, other, bits=bits, checkpoint_format="gptq")
-    return qmodel, model_from_state_dict(config, dense), (config, hf, layers, other)
+    return config, hf, layers, other, dense
 
 
 @pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, False), (8, 32, True)])
@@ -328,6 +333,13 @@ def test_cli_generate_gptq_checkpoint_and_bad_checkpoint(capsys, tmp_path):
     code, lines = _run_cli(capsys, ["generate", str(bad), "--prompt", "hi", "--json", "--quiet"])
     err = json.loads(lines[-1])
     assert code == 2 and "bits" in err["error"] and err["error_type"]
+    # a valid GPTQ checkpoint whose layout the kernels cannot run (4-bit groups of 8 rows): the layer is named
+    _, hf8, layers8, other8, _ = _random_gptq_tensors(4, 8, False, seed=2)
+    ckpt8 = write_gptq_checkpoint(tmp_path / "g8", hf8, {**qcfg, "group_size": 8, "desc_act": False}, layers8,
+                                  other8, tokenizer=tok)
+    code, lines = _run_cli(capsys, ["generate", str(ckpt8), "--prompt", "hi", "--json", "--quiet"])
+    err = json.loads(lines[-1])["error"]
+    assert code == 2 and "model.layers.0." in err and "group size 8 is not supported" in err, err
 
 
 def test_cli_bench_generate_random_tiny(capsys):
