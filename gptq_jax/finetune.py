@@ -305,7 +305,8 @@ def finetune(loaded, dataset: str, out_dir: str | Path | None, lora_config: Lora
     max_len = loaded.config.max_position_embeddings
     if cfg.seqlen > max_len:
         raise ValueError(f"seqlen={cfg.seqlen} is longer than the model's context ({max_len} tokens)")
-    data = training_data(loaded.tokenizer, dataset, cfg.seqlen, split=split)
+    tokenizer = loaded.require_tokenizer("fine-tuning") if hasattr(loaded, "require_tokenizer") else loaded.tokenizer
+    data = training_data(tokenizer, dataset, cfg.seqlen, split=split)
     log.info("%s: %d training segments of %d tokens (%d documents), %d held-out tokens (%d documents)", dataset,
              data.train.shape[0], cfg.seqlen, data.documents_train, data.eval_ids.size, data.documents_eval)
     paths = apply_lora(loaded.model, lora_config, nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
