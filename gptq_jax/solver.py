@@ -44,7 +44,7 @@ import numpy as np
 from jax import lax
 
 from gptq_jax.config import QuantizeConfig
-from gptq_jax.quantizer import divide, find_params
+from gptq_jax.quantizer import divide, divide_xla, find_params
 
 __all__ = [
     "GPTQResult",
@@ -221,7 +221,7 @@ def _block_pallas(W1T, S1T, Z1T, Hinv1, maxq, *, tile_rows: int, num_warps: int,
     assert N % tm == 0, (N, tm)
 
     if interpret:
-        div = divide
+        div = divide_xla  # inside the interpreted kernel: plain XLA (CPU), no nested kernel
         rint = jnp.round
     else:
         from jax.experimental.pallas import triton as plt

@@ -411,7 +411,7 @@ def _program_size(n: int, k: int) -> int:
 def test_program_size_does_not_grow_with_in_features():
     # a column loop unrolled in Python would grow with K (the 2-hour-compile trap); ours is a fori_loop
     big = [_program_size(16, 2304), _program_size(16, 4096), _program_size(40, 16384)]
-    assert big[0] == big[1] == big[2]
+    assert max(big) - min(big) <= 0.01 * big[0]  # (a pad op or two depends on the shape, not a loop)
     assert abs(_program_size(16, 256) - big[0]) < 0.05 * big[0]  # small K: a few shape-dependent ops differ
 
 
