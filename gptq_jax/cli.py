@@ -75,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     log.info("loaded %s (%s) in %.1f s", loaded.source, loaded.kind, load_s)
     text = texts.load_text(args.dataset, args.split)
     t0 = time.perf_counter()
-    ids = evaluate.tokenize_text(loaded.tokenizer, text)
+    ids = evaluate.tokenize_text(loaded.require_tokenizer("perplexity evaluation"), text)
     tokenize_s = time.perf_counter() - t0
     log.info("%s: %d tokens (tokenized in %.1f s)", args.dataset, ids.size, tokenize_s)
     update, close = _progress(not args.quiet, "eval", "win")
@@ -208,7 +208,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     calib = calibration.load_calibration(
-        loaded.tokenizer, args.dataset, split=args.split, nsamples=args.nsamples, seqlen=args.seqlen,
+        loaded.require_tokenizer("calibration"), args.dataset, split=args.split, nsamples=args.nsamples,
+        seqlen=args.seqlen,
         mode=args.calibration_mode, seed=args.seed, max_seqlen=loaded.config.max_position_embeddings,
     )
     stages["calibration_s"] = time.perf_counter() - t0
