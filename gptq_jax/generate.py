@@ -288,9 +288,11 @@ class GenerateResult:
     max_length: int
 
     def to_dict(self) -> dict:
+        """Every field, plus `text` / `tokens` (the first prompt's completion and new ids; `texts` / `token_ids`
+        hold every prompt's) and `tokens_per_s` (= decode_tokens_per_s)."""
         d = dataclasses.asdict(self)
-        d["text"] = self.texts[0] if len(self.texts) == 1 else self.texts
-        d["tokens"] = self.token_ids[0] if len(self.token_ids) == 1 else self.token_ids
+        d["text"] = self.texts[0]
+        d["tokens"] = self.token_ids[0]
         d["tokens_per_s"] = self.decode_tokens_per_s
         return d
 

@@ -298,7 +298,9 @@ def test_cli_generate_json_and_errors(capsys, stories, tmp_path):
     code, lines = _run_cli(capsys, ["generate", str(STORIES_HF), "--prompts-file", str(pf), "--max-new-tokens", "6",
                                     "--json", "--quiet"])
     res = json.loads(lines[-1])
-    assert code == 0 and res["texts"] == G.generate(model, tok, [PROMPTS[0], PROMPTS[2]], max_new_tokens=6).texts
+    ref2 = G.generate(model, tok, [PROMPTS[0], PROMPTS[2]], max_new_tokens=6)
+    assert code == 0 and res["texts"] == ref2.texts and res["token_ids"] == ref2.token_ids
+    assert res["text"] == ref2.texts[0] and res["tokens"] == ref2.token_ids[0] and res["batch_size"] == 2
     code, lines = _run_cli(capsys, ["generate", str(STORIES_HF), "--prompt", PROMPTS[0], "--max-new-tokens", "10",
                                     "--quiet"])
     assert code == 0 and ref.texts[0] in "\n".join(lines)
