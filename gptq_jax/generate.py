@@ -24,6 +24,7 @@ LLaMA-shaped models with random dense or random GPTQ weights directly on the dev
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -242,7 +243,8 @@ def _loop_fn(graphdef, params, st, max_new_tokens, *, sampling, eos):
     return decode_loop(nnx.merge(graphdef, params), st, max_new_tokens, sampling, eos)
 
 
-_EXECUTABLES: dict[Any, Any] = {}
+_EXECUTABLES: collections.OrderedDict[Any, Any] = collections.OrderedDict()  # LRU of compiled executables
+_MAX_EXECUTABLES = 32
 
 
 def _signature(tree) -> tuple:
@@ -255,12 +257,15 @@ def _compiled(fn: Callable, graphdef, statics: dict, args: tuple, donate: tuple[
     key = (fn.__name__, graphdef, tuple(sorted(statics.items())), _signature(args))
     exe = _EXECUTABLES.get(key)
     if exe is not None:
+        _EXECUTABLES.move_to_end(key)
         return exe, 0.0
     t0 = time.perf_counter()
     donate = donate if jax.default_backend() != "cpu" else ()
     jitted = jax.jit(lambda *a: fn(graphdef, *a, **statics), donate_argnums=donate)
     exe = jitted.lower(*args).compile()
     _EXECUTABLES[key] = exe
+    while len(_EXECUTABLES) > _MAX_EXECUTABLES:
+        _EXECUTABLES.popitem(last=False)
     return exe, time.perf_counter() - t0
 
 

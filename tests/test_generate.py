@@ -370,7 +370,8 @@ def test_smollm2_greedy_equals_transformers_generate():
 
     tensors = model_to_state_dict(loaded.model)  # the GGUF's dequantized float32 weights, HF names
     ref = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(SMOLLM2_HF)).eval()
-    missing, unexpected = ref.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
+    missing, unexpected = ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()},
+                                              strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     ref.tie_weights()
     tok = loaded.tokenizer
