@@ -415,3 +415,15 @@ def test_sliding_window_and_gqa_cached_logits_equal_full_forward():
         layer.sliding_window = None
     wide = np.asarray(jit_forward(model)(jnp.asarray(seq)))[0]
     assert np.abs(wide[16:] - full[16:]).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template_prompt():
+    loaded = model_io.load_model(str(SMOLLM2_GGUF))
+    tok = loaded.tokenizer
+    ids = G.encode_prompts(tok, ["What is 2+2?"], chat=True)[0]
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system") and "<|im_start|>user\nWhat is 2+2?<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    res = G.generate(loaded.model, tok, "What is 2+2?", chat=True, max_new_tokens=24)
+    assert "4" in res.texts[0] and res.finish_reasons == ["eos"]
