@@ -447,11 +447,17 @@ class _Timer:
         self.t[key] = self.t.get(key, 0.0) + seconds
 
 
-def _pack_job(codes, scales, zeros, g_idx, bias, bits: int) -> tuple[dict[str, np.ndarray], float]:
+def _pack_job(codes, scales, zeros, g_idx, bias, bits: int, dtype, out_dtype, where) -> tuple[QuantLinear, float]:
+    """Background thread: pack the solver's codes (AutoGPTQ gptq_v2) and build the QuantLinear (its kernel-layout
+    repacking included) on `where`, the device the model's layers live on."""
     t0 = time.perf_counter()
     packed = pack_gptq_layer(np.asarray(codes), np.asarray(scales), np.asarray(zeros), np.asarray(g_idx), bits,
                              "gptq_v2", None if bias is None else np.asarray(bias))
-    return packed, time.perf_counter() - t0
+    with jax.default_device(where):
+        q = QuantLinear(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], packed.get("bias"),
+                        bits=bits, checkpoint_format="gptq_v2", dtype=dtype, out_dtype=out_dtype)
+        jax.block_until_ready(nnx.state(q))
+    return q, time.perf_counter() - t0
 
 
 def quantize_model(
@@ -557,7 +563,8 @@ def quantize_model(
                 packed = pack_wanted and _packable(lin)
                 if packed:
                     futures[name] = executor.submit(_pack_job, r.codes, r.scales, r.zeros, r.g_idx, bias,
-                                                    config.bits)
+                                                    config.bits, lin.dtype, lin.out_dtype,
+                                                    host if offload else device)
                 losses.append(float(r.loss))
                 reports[name] = ModuleReport(name, layer_idx, lin.out_features, lin.in_features, losses[-1],
                                              float(r.damp_used), float(r.floor_used), int(r.attempts),
@@ -641,13 +648,8 @@ def quantize_model(
         t0 = time.perf_counter()
         pack_cpu = 0.0
         for name, fut in futures.items():
-            packed, seconds = fut.result()
+            q, seconds = fut.result()
             pack_cpu += seconds
-            lin = get_submodule(model, name)
-            with jax.default_device(host if offload else device):  # the kernel layout is built where layers live
-                q = QuantLinear(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"],
-                                packed.get("bias"), bits=config.bits, checkpoint_format="gptq_v2", dtype=lin.dtype,
-                                out_dtype=lin.out_dtype)
             replace_linear(model, name, q)
         timer.add("pack_wait_s", time.perf_counter() - t0)
         timer.add("pack_cpu_s", pack_cpu)
