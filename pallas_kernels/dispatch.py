@@ -8,9 +8,8 @@ dequantization, float32 dot).
 Gradients: `gptq_linear` is differentiable w.r.t. x and bias (a `jax.custom_vjp`); the quantized weight is frozen
 (its cotangent is zero). The backward dX = dY @ dequant(W)^T runs on the "pallas"/"interpret" backends for
 fp16/bf16 activations through the fused transposed kernel (`matmul_t.gptq_matmul_t`: no dense weight is
-materialised) up to `TABLE_T`'s row threshold, and beyond it through dequantize-then-dot (a transient dense weight
-per call, freed after the dot, exactly as the forward does for many rows; measured faster on the H100); through the
-XLA reference (`matmul_t.reference_t`) otherwise; dbias = sum of dY over rows.
+materialised, at every M: `TABLE_T`); through the XLA reference (`matmul_t.reference_t`) otherwise; dbias = sum
+of dY over rows.
 
 `TABLE` was tuned on an H100 (benchmarks/bench_kernels.py --sweep; benchmarks/RESULTS.md). split_k is derived
 per shape: enough K splits that (N tiles x M tiles x splits) reaches the row's target number of programs.
@@ -54,13 +53,14 @@ TABLE: tuple[Rule, ...] = (
 )
 
 
-# Backward (dX = dY @ W^T) configuration of the fused transposed kernel, by rows of dY (None: dequantize, then
-# XLA dot, as the forward does beyond 64 rows). H100, 2026-11-23 (benchmarks/bench_finetune.py, RESULTS.md): at
-# M = 2048 on the 7B shapes the fused kernel (0.36-0.99 ms) loses 3x to dequantize + cuBLAS dot (0.13-0.36 ms), and
-# the whole LoRA step is 0.306 s vs 0.195 s at the same peak memory; small M keeps the fused kernel (untuned).
+# Backward (dX = dY @ W^T) configuration of the fused transposed kernel, by rows of dY (None would mean dequantize,
+# then XLA dot). The backward never materialises the dense weight (issue 7), at every M. H100, 2026-11-23
+# (benchmarks/bench_finetune.py, RESULTS.md): at M = 2048 on the 7B shapes the fused kernel (0.36-0.99 ms) is 3x
+# slower than dequantize + cuBLAS dot (0.13-0.36 ms); the whole rank-16 LoRA step is 0.306 s fused vs 0.195 s with a
+# transient dense weight, at the same peak memory (10.9 GB), and 0.240 s for the fp16 base. Untuned at small M.
 TABLE_T: tuple[tuple[int, KernelConfigT | None], ...] = (
     (64, KernelConfigT(block_m=16, block_n=64)),
-    (1 << 62, None),
+    (1 << 62, KernelConfigT(block_m=64, block_n=64)),
 )
 
 
