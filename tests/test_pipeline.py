@@ -538,8 +538,13 @@ def test_cli_quantize(capsys, tmp_path, rand_dir):
     # refused without --overwrite, replaced with it
     code, res = run_cli(capsys, argv)
     assert code == 2 and "not empty" in res["error"] and "--overwrite" in res["error"]
-    code, _ = run_cli(capsys, [*argv[:-1], "--overwrite", "--bits", "2", "--group-size", "32", "--sym"])
-    assert code == 0 and json.loads((out / "quantize_config.json").read_text())["bits"] == 2
+    code, res = run_cli(capsys, [*argv[:-1], "--overwrite", "--bits", "2", "--group-size", "32", "--sym",
+                                 "--no-desc-act", "--act-group-aware"])
+    written = json.loads((out / "quantize_config.json").read_text())
+    assert code == 0 and written["bits"] == 2 and written["meta"]["act_group_aware"] is True
+    assert res["config"]["meta"]["act_group_aware"] is True and not written["desc_act"]
+    down = get_submodule(api.load_quantized(out).model, "model.layers.0.mlp.down_proj").to_torch_tensors()
+    assert np.array_equal(down["g_idx"], np.arange(down["g_idx"].size) // 32)  # GAR keeps g_idx trivial
     # the human-readable form prints a loss table on stderr and a summary on stdout
     code = cli.main([*argv[:2], str(tmp_path / "q2"), *argv[3:]])
     io = capsys.readouterr()
