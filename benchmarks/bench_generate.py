@@ -34,6 +34,7 @@ import numpy as np
 import gptq_jax  # noqa: F401  (first: makes flax import under JAX 0.11)
 from flax import nnx  # noqa: E402
 from gptq_jax import generate as gen  # noqa: E402
+from gptq_jax.models.fusion import fuse_projections  # noqa: E402
 
 GROUPS = {"llama2-7b": 128, "llama3-8b": 128, "smollm2-135m": 64, "tiny": 128}
 
@@ -90,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--fused", action="store_true",
+                    help="also time each variant with q/k/v and gate/up fused (gptq_jax.models.fusion)")
     ap.add_argument("--skip-check", action="store_true", help="skip the Pallas vs XLA greedy-token check")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -113,11 +116,15 @@ def main(argv=None) -> int:
     rows = []
     for name in args.configs.split(","):
         config = gen.random_config(name)
-        for bits in (None, args.bits):
+        variants = [(None, False), (args.bits, False)] + ([(None, True), (args.bits, True)] if args.fused else [])
+        for bits, fused in variants:
             t0 = time.perf_counter()
             model = gen.random_model(config, dtype=jnp.float16, bits=bits, group_size=GROUPS[name])
+            if fused:
+                report = fuse_projections(model)
+                assert not report.skipped, report.skipped
             jax.block_until_ready(jax.tree_util.tree_leaves(nnx.state(model)))
-            variant = "fp16" if bits is None else f"gptq{bits}-g{GROUPS[name]}"
+            variant = ("fp16" if bits is None else f"gptq{bits}-g{GROUPS[name]}") + ("+fused" if fused else "")
             batches = per_config.get(name, per_config.get("*", [1]))
             for r in gen.bench_generate(model, batch_sizes=batches, prompt_len=args.prompt_len,
                                         new_tokens=args.new_tokens, repeats=args.repeats):
@@ -130,13 +137,13 @@ def main(argv=None) -> int:
             del model
             gc.collect()
     out["rows"] = rows
-    print(f"\n{'config':<13} {'variant':<11} {'B':>3} {'TTFT ms':>8} {'tok/s':>9} {'steps/s':>8} "
+    print(f"\n{'config':<13} {'variant':<17} {'B':>3} {'TTFT ms':>8} {'tok/s':>9} {'steps/s':>8} "
           f"{'vs fp16':>7} {'bound':>7} {'of bound':>8} {'weights GB':>10}")
     for r in rows:
         base = next(x for x in rows if x["config"] == r["config"] and x["variant"] == "fp16"
                     and x["batch"] == r["batch"])
         r["speedup_vs_fp16"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        print(f"{r['config']:<13} {r['variant']:<11} {r['batch']:>3} {r['time_to_first_token_s'] * 1e3:>8.1f} "
+        print(f"{r['config']:<13} {r['variant']:<17} {r['batch']:>3} {r['time_to_first_token_s'] * 1e3:>8.1f} "
               f"{r['decode_tokens_per_s']:>9.1f} {r['decode_steps_per_s']:>8.1f} {r['speedup_vs_fp16']:>7.2f} "
               f"{r['bound_steps_per_s']:>7.1f} {r['fraction_of_bound']:>8.2f} {r['weight_bytes'] / 1e9:>10.3f}")
     if args.json:

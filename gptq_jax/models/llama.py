@@ -166,6 +166,7 @@ class LlamaAttention(nnx.Module):
         self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
         self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, use_bias=c.qkv_bias, **kw)
         self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, use_bias=c.o_bias, **kw)
+        self.qkv_proj = nnx.data(None)  # q/k/v fused into one linear (gptq_jax.models.fusion, inference only)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
         """x (B, T, hidden); cos/sin (B, T, head_dim) float32; mask (B, 1, T, T) bool, or None for a plain causal
@@ -190,9 +191,15 @@ class LlamaAttention(nnx.Module):
         """Projections + rotary: q (B, T, heads, D), k and v (B, T, kv_heads, D) in the compute dtype."""
         b, t, _ = x.shape
         kv, d = self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).reshape(b, t, self.num_heads, d)
-        k = self.k_proj(x).reshape(b, t, kv, d)
-        v = self.v_proj(x).reshape(b, t, kv, d)
+        if self.qkv_proj is not None:
+            nq, nk = self.num_heads * d, kv * d
+            y = self.qkv_proj(x)
+            q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, t, self.num_heads, d)
+        k = k.reshape(b, t, kv, d)
+        v = v.reshape(b, t, kv, d)
         return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin), v
 
     def cached(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: LayerCache,
@@ -230,9 +237,16 @@ class LlamaMLP(nnx.Module):
         self.gate_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
         self.up_proj = Linear(c.hidden_size, c.intermediate_size, **kw)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, **kw)
+        self.intermediate_size = c.intermediate_size
+        self.gate_up_proj = nnx.data(None)  # gate/up fused into one linear (gptq_jax.models.fusion, inference only)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            y = self.gate_up_proj(x)
+            gate, up = y[..., : self.intermediate_size], y[..., self.intermediate_size:]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -489,6 +503,9 @@ def model_to_state_dict(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     linear_paths = set()
     for path, m in nnx.iter_modules(model):
+        if getattr(m, "qkv_proj", None) is not None or getattr(m, "gate_up_proj", None) is not None:
+            raise ValueError(f"{'.'.join(str(p) for p in path)} has fused projections (inference only): call "
+                             "gptq_jax.models.fusion.unfuse_projections(model) before saving")
         if isinstance(m, LinearLike):
             prefix = ".".join(str(p) for p in path)
             linear_paths.add(prefix)

@@ -1,0 +1,73 @@
+"""Fused q/k/v and gate/up projections: identical outputs, exact round trip, refusals (gptq_jax.models.fusion)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from converters.packing import pack_gptq_layer
+from gptq_jax.models.config import ModelConfig
+from gptq_jax.models.fusion import fuse_projections, unfuse_projections
+from gptq_jax.models.linear import iter_linears, replace_linear
+from gptq_jax.models.llama import LlamaForCausalLM, model_to_state_dict
+from gptq_jax.models.quant_linear import QuantLinear
+
+CONFIG = dict(model_type="qwen2", vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+              tie_word_embeddings=False, rope_theta=10000.0)
+
+
+def quantize_all(model, bits: int, act_order_layer: str | None = None, seed: int = 0) -> None:
+    """Replace every decoder linear by a random GPTQ layer (group 32, asym, v2); one layer with act-order."""
+    rng = np.random.default_rng(seed)
+    for name, lin in list(iter_linears(model)):
+        if ".layers." not in name:
+            continue
+        k, n = lin.in_features, lin.out_features
+        g_idx = np.arange(k) // 32
+        if name == act_order_layer:
+            g_idx = g_idx[rng.permutation(k)]
+        codes = rng.integers(0, 2**bits, (n, k))
+        zeros = rng.integers(1, 2**bits, (n, k // 32))
+        scales = rng.uniform(0.002, 0.02, (n, k // 32)).astype(np.float32)
+        bias = rng.normal(size=n).astype(np.float32) if lin.bias is not None else None
+        t = pack_gptq_layer(codes, scales, zeros, g_idx, bits, "gptq_v2", bias)
+        replace_linear(model, name, QuantLinear(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], t.get("bias"),
+                                                bits=bits, checkpoint_format="gptq_v2"))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fused_model_computes_the_same_and_unfuses_exactly(quantized):
+    model = LlamaForCausalLM(ModelConfig.from_hf(CONFIG), rngs=nnx.Rngs(1))
+    if quantized:
+        quantize_all(model, 4)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 24)), jnp.int32)
+    ref = np.asarray(model(ids))
+    before = model_to_state_dict(model)
+    report = fuse_projections(model)
+    assert report.fused == 4 and report.skipped == ()
+    names = [n for n, _ in iter_linears(model)]
+    assert "model.layers.0.self_attn.qkv_proj" in names and "model.layers.1.mlp.gate_up_proj" in names
+    assert not any(n.endswith(("q_proj", "gate_proj")) for n in names)
+    got = np.asarray(model(ids))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="unfuse_projections"):
+        model_to_state_dict(model)
+    assert unfuse_projections(model) == 4
+    after = model_to_state_dict(model)
+    assert set(after) == set(before)
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+
+
+def test_act_order_layers_with_their_own_permutation_stay_separate():
+    model = LlamaForCausalLM(ModelConfig.from_hf(CONFIG), rngs=nnx.Rngs(1))
+    quantize_all(model, 4, act_order_layer="model.layers.1.self_attn.k_proj")
+    ids = jnp.asarray(np.arange(16)[None], jnp.int32)
+    ref = np.asarray(model(ids))
+    report = fuse_projections(model)
+    assert report.fused == 3
+    assert len(report.skipped) == 1 and "layers.1.self_attn" in report.skipped[0] and "g_idx" in report.skipped[0]
+    np.testing.assert_allclose(np.asarray(model(ids)), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
