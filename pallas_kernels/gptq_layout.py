@@ -55,7 +55,7 @@ __all__ = [
     "N_ALIGN",
     "GPTQWeight",
     "prepare",
-    "to_autogptq",
+    "unprepare",
     "unpack_autogptq_rows",
     "dequantize_autogptq",
     "unpack_codes",
@@ -365,67 +365,24 @@ def prepare(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# kernel layout -> AutoGPTQ tensors (the exact inverse of `prepare`, for writing checkpoints)
+# kernel layout -> checkpoint-order arrays (the inverse of `prepare`, before packing)
 
 
-def _pack_axis0(vals: np.ndarray, bits: int) -> np.ndarray:
-    """uint32 values (R, C) -> AutoGPTQ words int32 (R*bits/32, C) packed along axis 0, LSB first (reference 1.3;
-    bits 3: one 96-bit stream per 32 values)."""
-    v = vals.astype(np.uint32)
-    r, c = v.shape
-    if bits == 3:
-        blocks = v.reshape(r // 32, 32, c)
-        out = np.zeros((r // 32, 3, c), np.uint32)
-        for i in range(32):  # value i sits at stream bits [3i, 3i+3)
-            word, shift = divmod(3 * i, 32)
-            out[:, word] |= blocks[:, i] << np.uint32(shift)
-            if shift > 29:  # straddles into the next word
-                out[:, word + 1] |= blocks[:, i] >> np.uint32(32 - shift)
-    else:
-        per = 32 // bits
-        blocks = v.reshape(r // per, per, c)
-        out = np.zeros((r // per, c), np.uint32)
-        for j in range(per):
-            out |= blocks[:, j] << np.uint32(j * bits)
-    return out.reshape(-1, c).view(np.int32)
-
-
-def to_autogptq(w: GPTQWeight, checkpoint_format: Literal["gptq", "gptq_v2"] = "gptq_v2") -> dict[str, np.ndarray]:
-    """Kernel layout -> {"qweight", "qzeros", "scales", "g_idx"} numpy arrays in the AutoGPTQ layout (reference 1.1),
-    zero points encoded for `checkpoint_format`. The inverse of `prepare`: prepare(**to_autogptq(w, f), format f)
-    rebuilds w, and the words equal the checkpoint's own whenever it was written by GPTQModel's rules (v1 zero
-    points by word arithmetic, bits 3 per field). scales keep the kernel's dtype (float16 or float32)."""
-    _check_format(checkpoint_format)
-    bits, k, n = w.bits, w.in_features, w.out_features
+def unprepare(w: GPTQWeight) -> dict[str, np.ndarray]:
+    """Kernel layout -> {"codes" (K, N), "zeros" (G, N), "scales" (G, N), "g_idx" (K,)} numpy, rows in the
+    checkpoint's (original) order and zero points resolved (symmetric layers: 2^(bits-1)); scales keep the kernel's
+    dtype. Packing these with the AutoGPTQ packer (converters.packing) rebuilds the checkpoint tensors `prepare`
+    was given."""
+    k, n = w.in_features, w.out_features
     codes = np.asarray(unpack_codes(w))[:k, :n]
     g = np.arange(k) // (k if w.group_size == -1 else w.group_size)
-    if w.perm is not None:
+    if w.perm is not None:  # kernel row i is input feature perm[i]
         perm = np.asarray(w.perm)
-        codes_orig = np.empty_like(codes)
-        codes_orig[perm] = codes  # kernel row i is input feature perm[i]
-        g_idx = np.empty(k, np.int64)
-        g_idx[perm] = g
-        codes = codes_orig
-    else:
-        g_idx = g
+        codes = codes[np.argsort(perm)]
+        g = g[np.argsort(perm)]
     ngroups = int(g.max()) + 1 if k else 1
-    scales = np.asarray(w.scales)[:ngroups, :n]
     if w.zeros is None:
-        zeros = np.full((ngroups, n), 1 << (bits - 1), np.uint32)
+        zeros = np.full((ngroups, n), 1 << (w.bits - 1), np.int32)
     else:
-        zeros = np.asarray(w.zeros)[:ngroups, :n].astype(np.uint32)
-    per_word = 32 if bits == 3 else 32 // bits
-    n_words = -(-n * bits // 32)
-    zpad = np.zeros((ngroups, -(-n // per_word) * per_word), np.uint32)
-    if checkpoint_format == "gptq" and bits == 3:
-        zeros = (zeros - 1) & 7  # per field, modulo 8 (GPTQModel's 3-bit v1 encoding)
-    zpad[:, :n] = zeros
-    qzeros = _pack_axis0(np.ascontiguousarray(zpad.T), bits).T[:, :n_words]
-    if checkpoint_format == "gptq" and bits != 3:
-        qzeros = (qzeros.view(np.uint32) - np.uint32(_V1_WORD_OFFSET[bits])).view(np.int32)  # wraps mod 2^32
-    return {
-        "qweight": _pack_axis0(codes.astype(np.uint32), bits),
-        "qzeros": np.ascontiguousarray(qzeros),
-        "scales": scales,
-        "g_idx": g_idx.astype(np.int32),
-    }
+        zeros = np.asarray(w.zeros)[:ngroups, :n].astype(np.int32)
+    return {"codes": codes, "zeros": zeros, "scales": np.asarray(w.scales)[:ngroups, :n], "g_idx": g.astype(np.int32)}

@@ -13,7 +13,8 @@ and repacks them once, at construction, into the kernels' layout (`pallas_kernel
 act-order rows sorted so groups are contiguous, codes re-packed per kernel step, zero points resolved, none kept
 for symmetric layers). Only that layout is held, as `QuantTensor` variables (not `nnx.Param`: integer codes are not
 trainable), so a 4-bit layer costs about a quarter of its fp16 weight. `to_torch_tensors()` rebuilds the AutoGPTQ
-tensors exactly (`gptq_layout.to_autogptq`), in the layer's checkpoint format.
+tensors exactly (`gptq_layout.unprepare`, then the AutoGPTQ packer of `converters.packing`), in the layer's
+checkpoint format.
 
 Forward: `pallas_kernels.dispatch.gptq_linear` - on a GPU with fp16/bf16 activations the fused Pallas
 dequant-matmul (prefill: dequantize, then XLA dot), elsewhere the XLA reference (dense float32 dequantization,
@@ -41,7 +42,8 @@ from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.linear import INPUTS, LinearLike, get_submodule, replace_linear
 from gptq_jax.models.llama import LlamaForCausalLM, StateDictError
 from pallas_kernels.dispatch import gptq_linear
-from pallas_kernels.gptq_layout import GPTQWeight, dequantize, prepare, to_autogptq
+from converters.packing import pack_cols, pack_rows, qzeros_v2_to_v1
+from pallas_kernels.gptq_layout import GPTQWeight, dequantize, prepare, unprepare
 
 __all__ = ["QuantTensor", "QuantLinear", "quantized_model_from_state_dict", "SUPPORTED_BITS", "CHECKPOINT_FORMATS"]
 
@@ -154,8 +156,14 @@ class QuantLinear(nnx.Module):
     def to_torch_tensors(self) -> dict[str, np.ndarray]:
         """{"qweight", "qzeros", "scales", "g_idx"[, "bias"]} as numpy in the AutoGPTQ layout, zero points encoded
         for `checkpoint_format`, scales in the dtype they were given in."""
-        out = to_autogptq(self.weight(), self.checkpoint_format)
-        out["scales"] = out["scales"].astype(self.scales_dtype)
+        u = unprepare(self.weight())
+        n = self.out_features
+        qzeros = pack_cols(np.pad(u["zeros"], ((0, 0), (0, -n % 32))), self.bits)  # N padded to whole words
+        if self.checkpoint_format == "gptq":
+            qzeros = qzeros_v2_to_v1(qzeros, self.bits)  # GPTQModel's encoding, the inverse of the load path
+        qzeros = np.ascontiguousarray(qzeros[:, : -(-n * self.bits // 32)])
+        out = {"qweight": pack_rows(u["codes"], self.bits), "qzeros": qzeros,
+               "scales": u["scales"].astype(self.scales_dtype), "g_idx": u["g_idx"]}
         if self.bias is not None:
             out["bias"] = np.asarray(self.bias[...])
         return out
