@@ -173,13 +173,19 @@ class LlamaAttention(nnx.Module):
         mask (then a fused attention kernel is used where one exists: cuDNN on GPUs for bf16/fp16) -> (B, T, hidden).
         """
         b, t, _ = x.shape
-        kv, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q, k, v = self._qkv(x, cos, sin)
         if mask is None:
             if _fused_attention_available(self.dtype):
                 out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-                return self.o_proj(out.reshape(b, t, kv * g * d))
+                return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
             mask = attention_mask_4d(None, b, t)
+        return self._attend(q, k, v, mask)
+
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """q (B, T, heads, D) over keys/values (B, S, kv_heads, D) under mask (B, 1, T, S) bool: scores and softmax
+        in float32, probabilities in the compute dtype, then o_proj -> (B, T, hidden)."""
+        b, t = q.shape[:2]
+        kv, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q = q.reshape(b, t, kv, g, d)  # head h = kv_head * g + j (HF repeat_kv)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
         scores = jnp.where(mask[:, :, None, :, :], scores, _MASKED)
@@ -212,22 +218,14 @@ class LlamaAttention(nnx.Module):
         queries attend over all S slots under `mask` (B, 1, T, S) bool (`cache_attention_mask`).
         Returns (output (B, T, hidden), updated cache).
         """
-        b, t, _ = x.shape
-        kv, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q, k, v = self._qkv(x, cos, sin)
         k_cache, v_cache = cache
         zero = jnp.zeros((), jnp.int32)
         idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
-        q = q.reshape(b, t, kv, g, d)
-        kc = k_cache.astype(self.dtype)
-        vc = v_cache.astype(self.dtype)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, kc, preferred_element_type=jnp.float32) * (d ** -0.5)
-        scores = jnp.where(mask[:, :, None, :, :], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, vc, preferred_element_type=jnp.float32).astype(self.dtype)
-        return self.o_proj(out.reshape(b, t, kv * g * d)), (k_cache, v_cache)
+        out = self._attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), mask)
+        return out, (k_cache, v_cache)
 
 
 class LlamaMLP(nnx.Module):
