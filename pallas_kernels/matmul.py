@@ -460,6 +460,16 @@ def _kernel(*refs, st: _Static):
 # wrapper
 
 
+def weight_operands(w: GPTQWeight) -> list[jax.Array]:
+    """The kernel operands of a weight, in the kernels' argument order: code planes, scales[, zeros]."""
+    return [*w.planes, w.scales] + ([] if w.zeros is None else [w.zeros])
+
+
+def poison_output(args: list[jax.Array], out_shape: jax.ShapeDtypeStruct) -> tuple[list[jax.Array], dict[int, int]]:
+    """Append a NaN-filled buffer aliased to the output (tests: a tile the kernel fails to write stays NaN)."""
+    return [*args, jnp.full(out_shape.shape, jnp.nan, out_shape.dtype)], {len(args): 0}
+
+
 def gptq_matmul(
     x: jax.Array,
     w: GPTQWeight,
@@ -523,19 +533,14 @@ def gptq_matmul(
         cfg=cfg,
         interpret=interpret,
     )
-    args = [x, *w.planes, w.scales]
-    if st.has_zeros:
-        args.append(w.zeros)
+    args = [x, *weight_operands(w)]
     if st.has_bias:
         args.append(jnp.pad(jnp.asarray(bias), (0, np_ - n)))
     if partial:
         out_shape = jax.ShapeDtypeStruct((splits, out_m, out_n), jnp.float32)
     else:
         out_shape = jax.ShapeDtypeStruct((out_m, out_n), out_dtype)
-    aliases = {}
-    if poison:
-        aliases = {len(args): 0}
-        args.append(jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
+    args, aliases = poison_output(args, out_shape) if poison else (args, {})
 
     call = pl.pallas_call(
         functools.partial(_kernel, st=st),

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gptq_layout import STEP_ROWS, SUB_ROWS, GPTQWeight, dequantize, zero_point
-from pallas_kernels.matmul import _code_int, _groups_in_step, _magic_f32, _subchunks, compiler_params
+from pallas_kernels.matmul import (_code_int, _groups_in_step, _magic_f32, _subchunks, compiler_params,
+                                   poison_output, weight_operands)
 
 __all__ = ["KernelConfigT", "gptq_matmul_t", "reference_t", "unpermute"]
 
@@ -146,14 +147,9 @@ def gptq_matmul_t(
     mp = m_tiles * bm
     dy = jnp.pad(dy, ((0, mp - m), (0, np_ - n)))
     st = _StaticT(bits=w.bits, group_size=w.group_size, n_blocks=np_ // bn, has_zeros=w.zeros is not None, cfg=cfg)
-    args = [dy, *w.planes, w.scales]
-    if st.has_zeros:
-        args.append(w.zeros)
     out_shape = jax.ShapeDtypeStruct((mp, kp), out_dtype)
-    aliases = {}
-    if poison:
-        aliases = {len(args): 0}
-        args.append(jnp.full(out_shape.shape, jnp.nan, out_dtype))
+    args = [dy, *weight_operands(w)]
+    args, aliases = poison_output(args, out_shape) if poison else (args, {})
     call = pl.pallas_call(
         functools.partial(_kernel_t, st=st),
         out_shape=out_shape,
