@@ -227,28 +227,36 @@ def load_only(w: L.GPTQWeight, bn: int, splits: int, u: int, warps: int, evict: 
     return lambda x, ww: call(ww.planes[0])
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"KxN,KxN" -> [(K, N), ...]."""
+    return [tuple(int(v) for v in sh.split("x")) for sh in text.split(",")]
+
+
 def variants_for(k, n, m):
-    """(label, KernelConfig | None (dequantize+dot) | ("load", ...)) to try for one shape and M."""
+    """(label, KernelConfig | None (dequantize+dot)) to try for one shape and M (split_k holds the target number
+    of programs; split_for turns it into a split)."""
     v = []
     KC = G.KernelConfig
-    if m <= 2:
-        for bn, w, u, prog in [(256, 8, 1, 1056), (256, 8, 1, 2112), (128, 4, 1, 2112)]:
-            v.append(("fma", KC(mode="fma", block_m=m, block_n=bn, num_warps=w, convert="pos", steps_per_iter=u,
-                                split_k=prog)))
-    if m <= 16:
-        for bn, w, u, prog in [(128, 4, 1, 528), (128, 4, 2, 1056), (256, 4, 1, 528), (256, 4, 2, 1056),
-                               (128, 4, 1, 1056), (64, 4, 1, 1056)]:
-            if m == 1 and (bn, u) in ((128, 1), (64, 1)) and prog == 1056:
-                continue
-            v.append(("dot", KC(block_m=16, block_n=bn, num_warps=w, convert="asm", steps_per_iter=u, split_k=prog)))
-    if m == 64:
-        for bm, bn, w, u, prog in [(64, 64, 4, 1, 264), (64, 128, 4, 1, 264), (64, 128, 8, 1, 264),
-                                   (32, 128, 4, 1, 528), (64, 128, 4, 1, 528)]:
-            v.append(("dot", KC(block_m=bm, block_n=bn, num_warps=w, convert="asm", steps_per_iter=u, split_k=prog)))
+    if m == 1:
+        for cv, bn, w, prog in [("pos", 256, 8, 1056), ("h2", 128, 4, 1056), ("h2", 128, 8, 1056),
+                                ("h2", 128, 4, 528), ("h2", 256, 8, 528), ("h2", 128, 4, 2112)]:
+            v.append(("fma", KC(mode="fma", block_m=1, block_n=bn, num_warps=w, convert=cv, split_k=prog)))
+    if 1 < m <= 8:
+        for bn, w, prog in [(128, 4, 1056), (128, 8, 1056), (64, 4, 1056), (128, 4, 528)]:
+            v.append(("fma", KC(mode="fma", block_m=m, block_n=bn, num_warps=w, convert="h2", split_k=prog)))
+    if 1 < m <= 16:
+        for bn, w, u, pf, prog in [(128, 4, 2, False, 528), (128, 4, 1, True, 528)]:
+            v.append(("dot", KC(block_m=16, block_n=bn, num_warps=w, convert="magic16", steps_per_iter=u,
+                                prefetch=pf, split_k=prog)))
+    if 16 < m <= 64:
+        for bm, bn, w, cv, pf, prog in [(64, 128, 4, "asm", False, 264), (64, 128, 4, "asm", True, 264),
+                                        (64, 128, 4, "magic16", True, 264), (64, 64, 4, "magic16", True, 528),
+                                        (32, 128, 4, "magic16", True, 528), (64, 128, 8, "magic16", True, 528)]:
+            v.append(("dot", KC(block_m=bm, block_n=bn, num_warps=w, convert=cv, prefetch=pf, split_k=prog)))
         v.append(("deq+dot", None))
-    if m == 256:
-        for bm, bn, w in [(64, 128, 4), (64, 128, 8), (128, 128, 8), (64, 256, 8)]:
-            v.append(("dot", KC(block_m=bm, block_n=bn, num_warps=w, convert="asm", split_k=132)))
+    if 64 < m <= 256:
+        for bm, bn, w, pf in [(64, 128, 4, False), (64, 128, 4, True), (128, 128, 8, True), (64, 256, 8, True)]:
+            v.append(("dot", KC(block_m=bm, block_n=bn, num_warps=w, convert="magic16", prefetch=pf, split_k=132)))
         v.append(("deq+dot", None))
     if m >= 1024:
         for bm, bn, w in [(128, 128, 8), (128, 256, 8), (64, 256, 8)]:
@@ -265,7 +273,8 @@ def sweep(args):
     import torch
 
     rows = []
-    plan = [((8192, 28672), [1, 16, 64, 256, 2048]), ((4096, 11008), [1, 16])]
+    shapes = parse_shapes(args.shapes) if args.shapes else [(8192, 28672), (4096, 11008)]
+    plan = [(shape, args.ms or [1, 16]) for shape in shapes]
     for (k, n), ms in plan:
         w = make_weight(key, 4, k, n, 128)
         wb = nbytes(w)
@@ -284,15 +293,13 @@ def sweep(args):
             print(f"\n== K={k} N={n} M={m}: fp16 xla {t_xla*1e6:.1f} us, torch {t_torch*1e6:.1f} us; "
                   f"q4 {wb/1e6:.1f} MB (C={c})", flush=True)
             reps = min(8 * c, max(2 * c, math.ceil(3e-3 / (best / 3) / c) * c))
+            if m == 1:  # the weight stream alone (no dequantization), same grid as the M = 1 table entry
+                s_ = max(1, min(w.num_steps, round(1056 / (w.n_pad // 256))))
+                t = jax_time(load_only(w, 256, s_, 1, 8, True), wq, xs, reps)
+                print(f"  {'load only bn=256 w=8 S=' + str(s_):55s}: {t*1e6:8.1f} us  {wb/t/1e12:.2f} TB/s", flush=True)
             for label, cfg in variants_for(k, n, m):
                 try:
-                    if isinstance(cfg, tuple):
-                        _, bn, nw, prog, u = cfg
-                        s_ = max(1, min(w.num_steps, round(prog / (w.n_pad // bn))))
-                        fn = load_only(w, bn, s_, u, nw, True)
-                        err, nan = 0.0, False
-                        desc = f"{label} S={s_}"
-                    elif cfg is None:
+                    if cfg is None:
                         fn = kernel_fn(None)
                         err, nan = 0.0, False
                         desc = label
@@ -301,7 +308,7 @@ def sweep(args):
                         fn = kernel_fn(cfg)
                         err, nan = check_correct(w, cfg, m)
                         desc = (f"{cfg.mode} {cfg.convert} bm={cfg.block_m} bn={cfg.block_n} w={cfg.num_warps} "
-                                f"U={cfg.steps_per_iter} S={cfg.split_k}")
+                                f"U={cfg.steps_per_iter} pf={int(cfg.prefetch)} S={cfg.split_k}")
                     t = jax_time(fn, wq, xs, reps)
                 except Exception as e:  # report and continue the sweep
                     print(f"  {label} {cfg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
@@ -335,6 +342,8 @@ def smoke():
         for cfg, m, dt in [
             (G.KernelConfig(mode="fma", block_m=1, convert="pos", split_k=3), 1, jnp.float16),
             (G.KernelConfig(mode="fma", block_m=2, convert="shift", split_k=1), 3, jnp.bfloat16),
+            (G.KernelConfig(mode="fma", block_m=1, convert="h2", split_k=3), 1, jnp.float16),
+            (G.KernelConfig(mode="fma", block_m=2, convert="h2", split_k=2), 2, jnp.bfloat16),
             (G.KernelConfig(mode="dot", block_m=16, convert="magic", split_k=2), 3, jnp.float16),
             (G.KernelConfig(mode="dot", block_m=16, convert="magic16", block_n=64), 16, jnp.float16),
             (G.KernelConfig(mode="dot", block_m=32, convert="cvt", block_n=128, split_k=4), 40, jnp.bfloat16),
@@ -365,8 +374,8 @@ def full(args):
     print("copy bandwidth", bw, flush=True)
     shapes = SHAPES if not args.dry else [(1024, 512)]
     if args.shapes:
-        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
-    ms = MS if not args.dry else [1, 16, 64]
+        shapes = parse_shapes(args.shapes)
+    ms = args.ms or (MS if not args.dry else [1, 16, 64])
     deq_ms = {1, 64, 256, 2048}
     use_torch = not args.dry
     if use_torch:
@@ -412,7 +421,7 @@ def full(args):
             vb = nbytes(wv)
             cv = max(2, min(64, math.ceil(MIN_BYTES / vb)))
             wvs = copies_of(wv, cv)
-            for m in vms:
+            for m in [v for v in vms if v in base]:
                 xs = [jax.random.normal(jax.random.key(200 + i), (m, k), dtype) for i in range(8)]
                 reps = min(8 * cv, max(2 * cv, math.ceil(3e-3 / base[m] / cv) * cv))
                 try:
@@ -495,7 +504,7 @@ def main():
     p.add_argument("--dry", action="store_true", help="--full on one small shape without torch (CPU check)")
     p.add_argument("--shapes", help="KxN,KxN,... (default: the six RESULTS shapes)")
     p.add_argument("--report", metavar="JSON", help="print the markdown table of a --full JSON and write its SVG plot")
-    p.add_argument("--ms", type=int, nargs="*", default=[1, 16])
+    p.add_argument("--ms", type=int, nargs="*", help="rows (default: --sweep 1 16; --full all of MS)")
     p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args()
     if args.smoke:

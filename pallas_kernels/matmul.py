@@ -32,6 +32,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -58,9 +59,12 @@ class KernelConfig:
       sub.f16x2 removes the offset, i.e. ~1.4 instructions per two weights; bits 2/4/8 with fp16, 2/4 with bf16,
       else "magic"; the interpreter runs the equivalent jnp code). "fma": "shift" (shift field to bit 0, 2^23
       trick) or "pos" (no shift for fields inside the fp32 mantissa: the code keeps its bit position, and x is
-      pre-scaled by the matching power of two).
+      pre-scaled by the matching power of two), or "h2" (packed half2 arithmetic in inline PTX, bits 2/4/8 with
+      fp16 and bits 2/4 with bf16, else "pos"; see `_h2_asm`).
     steps_per_iter: K steps handled per loop iteration (their weight loads are issued together).
     evict_first: stream the weight with the evict-first cache policy (it is read once).
+    prefetch: issue the next step's loads (weight tile and x) before this step's arithmetic (register double
+      buffer; steps_per_iter is then ignored).
     """
 
     mode: Literal["dot", "fma"] = "dot"
@@ -72,6 +76,7 @@ class KernelConfig:
     convert: str = "magic"
     steps_per_iter: int = 1
     evict_first: bool = True
+    prefetch: bool = False
 
     def __post_init__(self):
         if self.mode not in ("dot", "fma"):
@@ -86,7 +91,7 @@ class KernelConfig:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
         if self.steps_per_iter < 1:
             raise ValueError(f"steps_per_iter must be >= 1, got {self.steps_per_iter}")
-        ok = ("cvt", "magic", "magic16", "asm") if self.mode == "dot" else ("shift", "pos")
+        ok = ("cvt", "magic", "magic16", "asm") if self.mode == "dot" else ("shift", "pos", "h2")
         if self.convert not in ok:
             raise ValueError(f"convert={self.convert!r} is not valid for mode {self.mode!r}: use one of {ok}")
 
@@ -118,6 +123,8 @@ class _Static:
     mask_n: bool
     cfg: KernelConfig
     interpret: bool = False
+    h2: bool = False  # fma mode through _h2_asm (x was pre-scaled by 2^-h2_exp in the wrapper)
+    h2_exp: int = 0
 
 
 def _subchunks(bits: int) -> list[tuple[int, int, int, int]]:
@@ -288,6 +295,165 @@ def _code_fma(st: _Static, tiles, j: int) -> tuple[jax.Array, float]:
     return _magic_f32(v & (mask << p2)), 2.0 ** (-p2)
 
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# "h2": the M = 1 fma path in packed half2 arithmetic
+
+
+def _h2_usable(bits: int, dtype) -> bool:
+    """fp16: bits 2/4/8 (1024 + code is exact in fp16); bf16: bits 2/4 (128 + code, 7 mantissa bits)."""
+    return bits in (2, 4, 8) and (dtype == jnp.float16 or bits in (2, 4))
+
+
+def _h2_exp(bits: int, dtype) -> int:
+    """fp16: x is pre-scaled by 2^-e so a half2 lane's sum of 32/bits/2 products code * x can never overflow
+    (|x| <= 65504; 4 bits: 4 products of codes <= 15, e = 6). bf16 has fp32's range: e = 0."""
+    if dtype != jnp.float16:
+        return 0
+    half = 32 // bits // 2
+    return int(np.ceil(np.log2(half * ((1 << bits) - 1))))
+
+
+def _h2_plan(st: _Static) -> list[tuple[list[int], int, int]]:
+    """Accumulator sets of one word: [(pair indices j, group slot of the low lane, of the high lane)].
+
+    Pair j puts field j in the low and field j + P/2 in the high 16-bit lane (P = 32/bits fields per word); pairs
+    whose lanes lie in the same groups share one half2 accumulator. Slots index `_groups_in_step`'s list.
+    """
+    half = 32 // st.bits // 2
+    slot_of = {}
+    for slot, (_, js) in enumerate(_groups_in_step(st, 0)):
+        for j in js:
+            slot_of[j] = slot
+    sets: dict[tuple[int, int], list[int]] = {}
+    for j in range(half):
+        sets.setdefault((slot_of[j], slot_of[j + half]), []).append(j)
+    return [(js, lo, hi) for (lo, hi), js in sets.items()]
+
+
+def _h2_bits16(v: float, dtype) -> int:
+    """16-bit pattern of v in fp16 or bf16 (v exactly representable)."""
+    if dtype == jnp.float16:
+        return int(np.array(v, np.float16).view(np.uint16))
+    return int(np.array(v, np.float32).view(np.uint32)) >> 16
+
+
+def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
+    """PTX for one int32 word w and, per x row, P/2 packed x pairs (x_j, x_{j+P/2}) -> per row and accumulator set
+    of `_h2_plan`, one f32 (lanes in one group: low + high) or two (low, high): sum_j x_j * code_j in each lane.
+    The codes are unpacked once for all rows.
+
+    Per pair: one lop3 puts fields j and j + P/2 into the mantissas of a half2 (magic + code * 2^p), one fma
+    removes the magic and the 2^p exactly (code * 2^p fits the mantissa, so the result is the integer code),
+    one fma multiply-adds it with the x pair; a field that would not fit the mantissa comes from a shifted copy
+    of the word (one shift serves the following fields). Products and the per-word lane sums round to fp16/bf16;
+    the sums over words accumulate in fp32 (the kernel). Returns (asm, number of outputs per row).
+    """
+    bits = st.bits
+    half = 32 // bits // 2
+    mant = 10 if dtype == jnp.float16 else 7
+    magic = 1024.0 if dtype == jnp.float16 else 128.0
+    sfx = "f16x2" if dtype == jnp.float16 else "bf16x2"
+    mask = (1 << bits) - 1
+    plan = _h2_plan(st)
+    n_out = sum(1 if lo == hi else 2 for _, lo, hi in plan)
+    w_arg = n_out * rows
+    x_args = [[w_arg + 1 + i * half + j for j in range(half)] for i in range(rows)]  # [row][pair]
+    nacc = len(plan)
+    body: list[str] = []
+    consts: dict[int, str] = {}  # f16x2/bf16x2 operands must be registers: one mov per distinct constant
+
+    def const(v: int) -> str:
+        return consts.setdefault(v, f"k{len(consts)}")
+
+    base = 0
+    src = f"${w_arg}"
+    first = [True] * len(plan)
+    set_of = {j: i for i, (js, _, _) in enumerate(plan) for j in js}
+    mg = _h2_bits16(magic, dtype)
+    for j in range(half):
+        p = bits * j - base
+        if p + bits > mant:
+            base = bits * j
+            body.append(f"shr.u32 v, ${w_arg}, {base};")
+            src, p = "v", 0
+        m2 = (mask << p) | (mask << (p + 16))
+        body.append(f"lop3.b32 t, {src}, {m2}, {mg | mg << 16}, 0xEA;")
+        sc = _h2_bits16(2.0 ** -p, dtype)
+        off = _h2_bits16(-magic * 2.0 ** -p, dtype)
+        body.append(f"fma.rn.{sfx} q, t, {const(sc | sc << 16)}, {const(off | off << 16)};")
+        a = set_of[j]
+        for i in range(rows):
+            acc = f"a{i * nacc + a}"
+            if first[a]:
+                body.append(f"mul.rn.{sfx} {acc}, q, ${x_args[i][j]};")
+            else:
+                body.append(f"fma.rn.{sfx} {acc}, q, ${x_args[i][j]}, {acc};")
+        first[a] = False
+    lines = ["{", ".reg .b32 t, q, v, a<%d>, k<%d>;" % (rows * nacc, len(consts)), ".reg .b16 h0, h1;",
+             ".reg .f32 f0, f1;"]
+    lines += [f"mov.b32 {name}, {v};" for v, name in consts.items()]
+    lines += body
+    out = 0
+    for i in range(rows):
+        for a, (_, lo, hi) in enumerate(plan):
+            acc = f"a{i * nacc + a}"
+            if dtype == jnp.float16:
+                lines += [f"mov.b32 {{h0, h1}}, {acc};", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;"]
+            else:  # bf16 -> f32 is a 16-bit shift of the bit pattern
+                lines += [f"shl.b32 f0, {acc}, 16;", f"and.b32 f1, {acc}, 0xFFFF0000;"]
+            if lo == hi:
+                lines.append(f"add.f32 ${out}, f0, f1;")
+                out += 1
+            else:
+                lines += [f"mov.f32 ${out}, f0;", f"mov.f32 ${out + 1}, f1;"]
+                out += 2
+    lines.append("}")
+    return "\n".join(lines), n_out
+
+
+def _h2_emulate(st: _Static, dtype, w: jax.Array, xpairs: list[jax.Array]) -> list[jax.Array]:
+    """jnp twin of `_h2_asm` for one row (the interpreter cannot run PTX): the same lanes, sets and roundings."""
+    bits = st.bits
+    half = 32 // bits // 2
+    mask = (1 << bits) - 1
+    plan = _h2_plan(st)
+    set_of = {j: i for i, (js, _, _) in enumerate(plan) for j in js}
+    acc: list = [None] * len(plan)
+    for j in range(half):
+        xlo = jax.lax.bitcast_convert_type((xpairs[j] & 0xFFFF).astype(jnp.uint16), dtype)
+        xhi = jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(xpairs[j], 16).astype(jnp.uint16), dtype)
+        qlo = (jax.lax.shift_right_logical(w, bits * j) & mask).astype(jnp.float32).astype(dtype)
+        qhi = (jax.lax.shift_right_logical(w, bits * (j + half)) & mask).astype(jnp.float32).astype(dtype)
+        prod = ((qlo * xlo), (qhi * xhi))
+        a = set_of[j]
+        acc[a] = prod if acc[a] is None else (acc[a][0] + prod[0], acc[a][1] + prod[1])
+    outs = []
+    for (lo_v, hi_v), (_, lo, hi) in zip(acc, plan):
+        f0, f1 = lo_v.astype(jnp.float32), hi_v.astype(jnp.float32)
+        outs += [f0 + f1] if lo == hi else [f0, f1]
+    return outs
+
+
+def _h2_word_sums(st: _Static, dtype, w: jax.Array, xpairs: list[list[jax.Array]]) -> list[list[jax.Array]]:
+    """xpairs[row][pair] -> per row, per accumulator set of `_h2_plan`: f32 tiles of sum_j x_j * code_j (one, or
+    the low and the high lane)."""
+    if st.interpret:
+        return [_h2_emulate(st, dtype, w, xp) for xp in xpairs]
+    rows = len(xpairs)
+    asm, n_out = _h2_asm(st, dtype, rows)
+    flat = [a for xp in xpairs for a in xp]
+    outs = _inline_asm_multi(
+        asm,
+        w,
+        *flat,
+        constraints=",".join(["=f"] * (n_out * rows) + ["r"] * (1 + len(flat))),
+        result_shape_dtypes=(jax.ShapeDtypeStruct(w.shape, jnp.float32),) * (n_out * rows),
+    )
+    outs = list(outs)
+    return [outs[i * n_out:(i + 1) * n_out] for i in range(rows)]
+
+
 def _kernel(*refs, st: _Static):
     cfg = st.cfg
     bits = st.bits
@@ -330,21 +496,36 @@ def _kernel(*refs, st: _Static):
                 tiles.append([p_ref[i] for i in idxs])
         return tiles
 
-    def run_steps(step_fn, init):
-        """Fold step_fn(t, tiles, carry) over this program's steps, steps_per_iter of them per iteration."""
+    def run_steps(load_step, step_fn, init):
+        """Fold step_fn(t, load_step(t), carry) over this program's steps.
+
+        steps_per_iter = u > 1: u steps' loads are issued together, then used. prefetch: the loads of step t + 1
+        are issued before step t's arithmetic (a register double buffer carried by the loop), so the weight
+        stream stays in flight while the codes are unpacked.
+        """
         u = cfg.steps_per_iter
 
         def one(t, carry):
-            return step_fn(t, load_tiles(t), carry)
+            return step_fn(t, load_step(t), carry)
+
+        if cfg.prefetch:
+
+            def ahead(t, carry):
+                acc, cur = carry
+                nxt = load_step(jnp.minimum(t + 1, t_hi - 1))  # the last iteration reloads its own step
+                return step_fn(t, cur, acc), nxt
+
+            acc, _ = jax.lax.fori_loop(t_lo, t_hi, ahead, (init, load_step(t_lo)))
+            return acc
 
         if u == 1:
             return jax.lax.fori_loop(t_lo, t_hi, one, init)
 
         def many(i, carry):
             t0 = t_lo + i * u
-            tiles = [load_tiles(t0 + v) for v in range(u)]  # all loads issued before any use
+            loaded = [load_step(t0 + v) for v in range(u)]  # all loads issued before any use
             for v in range(u):
-                carry = step_fn(t0 + v, tiles[v], carry)
+                carry = step_fn(t0 + v, loaded[v], carry)
             return carry
 
         n_full = (t_hi - t_lo) // u
@@ -372,13 +553,17 @@ def _kernel(*refs, st: _Static):
 
         use_asm = _asm_ok(st, x_ref.dtype) and not st.interpret
 
-        def body(t, tiles, acc):
+        def load_step(t):
+            return load_tiles(t), [load_x(t * step + c[0]) for c in _subchunks(bits)]
+
+        def body(t, loaded, acc):
+            tiles, xsub = loaded
             fields = _asm_fields(tiles[0][0], bits, x_ref.dtype) if use_asm else None
             for g, js in _groups_in_step(st, t):
                 p = jnp.zeros((bm, bn), jnp.float32)
                 xs = jnp.zeros((bm,), jnp.float32)
                 for j in js:
-                    xj = load_x(t * step + _subchunks(bits)[j][0])
+                    xj = xsub[j]
                     cj = fields[j] if use_asm else _code_dot(st, tiles, j, xj.dtype)
                     p = p + jnp.dot(xj, cj, preferred_element_type=jnp.float32)
                     xs = xs + jnp.sum(xj.astype(jnp.float32), axis=1)
@@ -387,24 +572,31 @@ def _kernel(*refs, st: _Static):
                 acc = acc + s[None, :] * (p - zx)
             return acc
 
-        acc = run_steps(body, jnp.zeros((bm, bn), jnp.float32))
+        acc = run_steps(load_step, body, jnp.zeros((bm, bn), jnp.float32))
         out_rows = [(acc, None)]
     else:
         # fma: one (SUB, BN) fp32 accumulator per row; the per-row-position factorisation
         #   acc[r, n] += s[n] * (sum_j x[j*SUB + r] q[j*SUB + r, n] - z[n] * sum_j x[j*SUB + r])
         # needs no reduction inside the loop.
+        xcast = (lambda v: v) if st.h2 else (lambda v: v.astype(jnp.float32))  # h2 packs x's own bits
+
         def load_xrow(m, kk):
             idx = (m, pl.ds(kk, sub))
             if not (st.mask_m or st.mask_k):
-                return x_ref[idx].astype(jnp.float32)
+                return xcast(x_ref[idx])
             mask = jnp.ones((sub,), jnp.bool_)
             if st.mask_m:
                 mask = mask & (m < st.m)
             if st.mask_k:
                 mask = mask & ((kk + jax.lax.broadcasted_iota(jnp.int32, (sub,), 0)) < st.k)
-            return plgpu.load(x_ref.at[idx], mask=mask, other=0).astype(jnp.float32)
+            return xcast(plgpu.load(x_ref.at[idx], mask=mask, other=0))
 
-        def body(t, tiles, accs):
+        def load_step(t):
+            xrows = [[load_xrow(m0 + i, t * step + c[0]) for c in _subchunks(bits)] for i in range(bm)]
+            return load_tiles(t), xrows
+
+        def body(t, loaded, accs):
+            tiles, xrows = loaded
             accs = list(accs)
             for g, js in _groups_in_step(st, t):
                 codes = [_code_fma(st, tiles, j) for j in js]
@@ -413,15 +605,45 @@ def _kernel(*refs, st: _Static):
                     tsum = jnp.zeros((sub, bn), jnp.float32)
                     xs = jnp.zeros((sub,), jnp.float32)
                     for j, (cj, f) in zip(js, codes):
-                        xj = load_xrow(m0 + i, t * step + _subchunks(bits)[j][0])
+                        xj = xrows[i][j]
                         xs = xs + xj
                         tsum = tsum + (xj * f)[:, None] * cj if f != 1.0 else tsum + xj[:, None] * cj
                     zx = xs[:, None] * (z[None, :] if st.has_zeros else z)
                     accs[i] = accs[i] + s[None, :] * (tsum - zx)
             return tuple(accs)
 
+        def body_h2(t, loaded, accs):
+            # x arrives scaled by 2^-e (wrapper); the half2 word sums come back in f32, per group slot
+            tiles, xrows = loaded
+            accs = list(accs)
+            half = 32 // bits // 2
+            groups = _groups_in_step(st, t)
+            sz = [load_scale_zero(g) for g, _ in groups]
+            packed = []
+            for xr in xrows:
+                b16 = [jax.lax.bitcast_convert_type(v, jnp.int16).astype(jnp.int32) & 0xFFFF for v in xr]
+                packed.append([jnp.broadcast_to((b16[j] | (b16[j + half] << 16))[:, None], (sub, bn))
+                               for j in range(half)])
+            sums = _h2_word_sums(st, x_ref.dtype, tiles[0][0], packed)
+            for i in range(bm):
+                xr = xrows[i]
+                outs = iter(sums[i])
+                tsum: list = [None] * len(groups)
+                for _, lo, hi in _h2_plan(st):
+                    for slot in (lo,) if lo == hi else (lo, hi):
+                        v = next(outs)
+                        tsum[slot] = v if tsum[slot] is None else tsum[slot] + v
+                for slot, (_, js) in enumerate(groups):
+                    xs = xr[js[0]].astype(jnp.float32)
+                    for j in js[1:]:
+                        xs = xs + xr[j].astype(jnp.float32)
+                    s, z = sz[slot]
+                    zx = xs[:, None] * (z[None, :] if st.has_zeros else z)
+                    accs[i] = accs[i] + (s * 2.0**st.h2_exp)[None, :] * (tsum[slot] - zx)
+            return tuple(accs)
+
         init = tuple(jnp.zeros((sub, bn), jnp.float32) for _ in range(bm))
-        accs = run_steps(body, init)
+        accs = run_steps(load_step, body_h2 if st.h2 else body, init)
         out_rows = [(jnp.sum(a, axis=0), i) for i, a in enumerate(accs)]
 
     # epilogue: bias (S = 1 only), cast, masked store
@@ -502,6 +724,11 @@ def gptq_matmul(
     splits = max(1, min(cfg.split_k, steps))
     partial = splits > 1
 
+    h2 = cfg.mode == "fma" and cfg.convert == "h2" and _h2_usable(w.bits, x.dtype)
+    h2 = h2 and (interpret or _inline_asm_multi is not None)
+    h2_exp = _h2_exp(w.bits, x.dtype) if h2 else 0
+    if h2_exp:  # exact (power of two; values below fp16's normal range round to its subnormals)
+        x = x * jnp.asarray(2.0**-h2_exp, x.dtype)
     if w.perm is not None:  # act-order: kernel row i is feature perm[i]; the gather and the K pad fuse
         x = jnp.take(x, w.perm, axis=1)
         x = jnp.pad(x, ((0, 0), (0, kp - k)))
@@ -532,6 +759,8 @@ def gptq_matmul(
         mask_n=n != np_,
         cfg=cfg,
         interpret=interpret,
+        h2=h2,
+        h2_exp=h2_exp,
     )
     args = [x, *weight_operands(w)]
     if st.has_bias:

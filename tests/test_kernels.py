@@ -119,14 +119,17 @@ def test_reference_matmul_large_k(k, bits):
 # the Pallas kernel: every bits/group/sym/act-order combination once, cycling dtype, M, mode and config
 
 KERNEL_CONFIGS = [
-    ("fma-pos", KernelConfig(mode="fma", block_m=1, convert="pos", split_k=3)),
-    ("dot-magic", KernelConfig(mode="dot", block_m=16, block_n=64, convert="magic", split_k=2)),
+    ("fma-pos", KernelConfig(mode="fma", block_m=1, convert="pos", split_k=3, prefetch=True)),
+    ("dot-magic", KernelConfig(mode="dot", block_m=16, block_n=64, convert="magic", split_k=2, prefetch=True)),
     ("fma-shift", KernelConfig(mode="fma", block_m=4, convert="shift", block_n=32)),
     # "asm" is inline PTX on a GPU; the interpreter runs its jnp equivalent (magic16 for fp16, magic for bf16)
     ("dot-asm", KernelConfig(mode="dot", block_m=16, block_n=128, convert="asm", steps_per_iter=2)),
     ("dot-cvt", KernelConfig(mode="dot", block_m=32, block_n=32, convert="cvt", split_k=4)),
+    # "h2" is inline PTX on a GPU; the interpreter runs its jnp twin (same lanes, groups and fp16/bf16 roundings)
+    ("fma-h2", KernelConfig(mode="fma", block_m=1, block_n=64, convert="h2", split_k=2)),
 ]
-MS_FOR = {"fma-pos": [1, 2], "fma-shift": [3], "dot-magic": [1, 16], "dot-asm": [3, 16], "dot-cvt": [64]}
+MS_FOR = {"fma-pos": [1, 2], "fma-shift": [3], "dot-magic": [1, 16], "dot-asm": [3, 16], "dot-cvt": [64],
+          "fma-h2": [1, 2]}
 KERNEL = jax.jit(G.gptq_matmul, static_argnames=("config", "interpret", "out_dtype", "poison"))
 
 
@@ -135,7 +138,7 @@ def _combo_config(i: int, bits: int) -> str:
     dot-mode bodies take the interpreter ~10 s each to compile: there, 3 of 16 combinations use dot mode."""
     names = [n for n, _ in KERNEL_CONFIGS]
     if bits in (2, 3):
-        return {0: "dot-magic", 7: "dot-asm", 13: "dot-cvt"}.get(i, ("fma-pos", "fma-shift")[i % 2])
+        return {0: "dot-magic", 7: "dot-asm", 13: "dot-cvt"}.get(i, ("fma-pos", "fma-shift", "fma-h2")[i % 3])
     return names[(i + bits) % len(names)]
 
 
@@ -171,6 +174,7 @@ SHAPE_CASES = [
     (1536, 96, 3, "fma-shift"),
     (4096, 32, 16, "dot-magic"),
     (11008, 32, 1, "fma-pos"),
+    (4096, 96, 1, "fma-h2"),
     (11008, 32, 64, "dot-cvt"),
     (1536, 160, 300, "dot-asm"),
     (576, 96, 300, "dot-cvt"),
