@@ -280,6 +280,15 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     loaded = model_io.load_model(args.model, dtype=dtype)
     load_s = time.perf_counter() - t0
     log.info("loaded %s (%s) in %.1f s", loaded.source, loaded.kind, load_s)
+    fused = None
+    if args.fuse:
+        from gptq_jax.models.fusion import fuse_projections
+
+        report = fuse_projections(loaded.model)
+        fused = report.fused
+        log.info("fused %d q/k/v and gate/up groups into one linear each", report.fused)
+        for why in report.skipped:
+            log.info("not fused: %s", why)
     tok = loaded.tokenizer
     stream = None
     if not args.json and len(prompts) == 1:  # print the completion as it is produced
@@ -308,7 +317,8 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         else:
             for i, text in enumerate(res.texts):
                 print(f"--- [{i}] {prompts[i]}\n{text}")
-    out = {"model": loaded.source, "kind": loaded.kind, "dtype": dtype, **res.to_dict(), "load_s": load_s}
+    out = {"model": loaded.source, "kind": loaded.kind, "dtype": dtype, **res.to_dict(), "load_s": load_s,
+           "fused_projections": fused}
     out["_table"] = [
         ("new_tokens", sum(len(t) for t in res.token_ids)), ("batch_size", res.batch_size),
         ("time_to_first_token_s", res.time_to_first_token_s), ("tokens_per_s", res.decode_tokens_per_s),
@@ -514,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="KV cache slots per prompt (default: padded prompt + max-new-tokens, rounded up to 128)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="compute dtype (auto: float16 on GPU, float32 on CPU)")
+    gen.add_argument("--fuse", action="store_true",
+                     help="run q/k/v and gate/up as one linear each (same tokens; faster decode on a GPU: "
+                     "benchmarks/RESULTS.md)")
     common(gen)
     gen.set_defaults(func=cmd_generate, title="generate")
 

@@ -14,9 +14,11 @@ so the per-weight work is only "extract the code, make it a float, multiply-add"
 * "dot": the codes become fp16/bf16 values (exact: codes < 256) and go through tensor-core dots with fp32
   accumulation (`jnp.dot(..., preferred_element_type=float32)` -> tl.dot), rows padded to the 16-row minimum
   tile. On the H100 it is the fastest path for 2..64 rows; beyond that dequantize + XLA dot wins (RESULTS.md).
-* "fma": for a handful of rows (decode; the fastest path at M = 1 on the H100). Codes become fp32 through the 2^23 magic-number trick (OR the code into
-  the mantissa of 8388608.0 and subtract: no int->float conversion instruction) and are multiply-added in fp32;
-  the row reduction happens once at the end.
+* "fma": for a handful of rows (decode; the fastest path at M = 1 and 2 on the H100). With convert="h2" each
+  int32 word's codes are multiplied with x in packed half2 arithmetic (inline PTX, `_h2_asm`: ~2 instructions
+  per weight; x pre-scaled so no lane can overflow) and the per-word sums accumulate in fp32; otherwise codes
+  become fp32 through the 2^23 magic-number trick (OR the code into the mantissa of 8388608.0 and subtract: no
+  int->float conversion instruction) and are multiply-added in fp32. The row reduction happens once at the end.
 
 With split K > 1 the programs write fp32 partial sums (S, M, N) and XLA adds them (fused with the bias and the
 cast); with S = 1 the kernel writes the output directly.

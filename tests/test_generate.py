@@ -329,6 +329,21 @@ def test_cli_generate_gptq_checkpoint_and_bad_checkpoint(capsys, tmp_path):
     ids = tok(PROMPTS[0])["input_ids"]
     assert code == 0 and res["tokens"] == G.generate_ids(dmodel, [ids], max_new_tokens=8,
                                                          eos_token_ids=(2,))[0][0]
+    assert res["fused_projections"] is None
+    # --fuse: act-order layers with their own permutations stay separate (0 fused here), same tokens
+    code, lines = _run_cli(capsys, ["generate", str(ckpt), "--prompt", PROMPTS[0], "--max-new-tokens", "8",
+                                    "--fuse", "--json", "--quiet"])
+    fused = json.loads(lines[-1])
+    assert code == 0 and fused["tokens"] == res["tokens"] and fused["fused_projections"] == 0, fused
+    # ... and a checkpoint without act-order fuses both groups of both layers, with the same tokens
+    _, dense_s, (_, hf_s, layers_s, other_s) = _random_gptq_model(4, 32, False, seed=3)
+    ckpt_s = write_gptq_checkpoint(tmp_path / "seq", hf_s, {**qcfg, "desc_act": False}, layers_s, other_s,
+                                   tokenizer=tok)
+    want = G.generate_ids(dense_s, [ids], max_new_tokens=8, eos_token_ids=(2,))[0][0]
+    code, lines = _run_cli(capsys, ["generate", str(ckpt_s), "--prompt", PROMPTS[0], "--max-new-tokens", "8",
+                                    "--fuse", "--json", "--quiet"])
+    fused = json.loads(lines[-1])
+    assert code == 0 and fused["tokens"] == want and fused["fused_projections"] == 4, fused
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)
     (bad / "quantize_config.json").write_text(json.dumps({**qcfg, "bits": 5}))
