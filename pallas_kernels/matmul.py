@@ -273,10 +273,14 @@ def _make_inline_asm_multi():
 _inline_asm_multi = _make_inline_asm_multi()
 
 
+def _half2_magic_ok(bits: int, dtype) -> bool:
+    """Whether magic + code is exact in a half2 lane ("asm" and "h2"): fp16 (magic 1024, 10 mantissa bits) for
+    bits 2/4/8; bf16 (magic 128, 7 mantissa bits) for bits 2/4. 3-bit fields straddle words: never."""
+    return bits in (2, 4, 8) and (dtype == jnp.float16 or bits in (2, 4))
+
+
 def _asm_ok(st: _Static, dtype) -> bool:
-    if st.cfg.convert != "asm" or st.bits == 3 or _inline_asm_multi is None:
-        return False
-    return dtype == jnp.float16 or st.bits in (2, 4)
+    return st.cfg.convert == "asm" and _inline_asm_multi is not None and _half2_magic_ok(st.bits, dtype)
 
 
 def _code_fma(st: _Static, tiles, j: int) -> tuple[jax.Array, float]:
@@ -300,11 +304,6 @@ def _code_fma(st: _Static, tiles, j: int) -> tuple[jax.Array, float]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # "h2": the M = 1 fma path in packed half2 arithmetic
-
-
-def _h2_usable(bits: int, dtype) -> bool:
-    """fp16: bits 2/4/8 (1024 + code is exact in fp16); bf16: bits 2/4 (128 + code, 7 mantissa bits)."""
-    return bits in (2, 4, 8) and (dtype == jnp.float16 or bits in (2, 4))
 
 
 def _h2_exp(bits: int, dtype) -> int:
@@ -726,7 +725,7 @@ def gptq_matmul(
     splits = max(1, min(cfg.split_k, steps))
     partial = splits > 1
 
-    h2 = cfg.mode == "fma" and cfg.convert == "h2" and _h2_usable(w.bits, x.dtype)
+    h2 = cfg.mode == "fma" and cfg.convert == "h2" and _half2_magic_ok(w.bits, x.dtype)
     h2 = h2 and (interpret or _inline_asm_multi is not None)
     h2_exp = _h2_exp(w.bits, x.dtype) if h2 else 0
     if h2_exp:  # exact (power of two; values below fp16's normal range round to its subnormals)
