@@ -125,7 +125,7 @@ class _Static:
     mask_n: bool
     cfg: KernelConfig
     interpret: bool = False
-    h2: bool = False  # fma mode through _h2_asm (x was pre-scaled by 2^-h2_exp in the wrapper)
+    h2: bool = False  # fma mode through _h2_asm (x scaled by 2^-h2_exp as it is loaded)
     h2_exp: int = 0
 
 
@@ -579,7 +579,11 @@ def _kernel(*refs, st: _Static):
         # fma: one (SUB, BN) fp32 accumulator per row; the per-row-position factorisation
         #   acc[r, n] += s[n] * (sum_j x[j*SUB + r] q[j*SUB + r, n] - z[n] * sum_j x[j*SUB + r])
         # needs no reduction inside the loop.
-        xcast = (lambda v: v) if st.h2 else (lambda v: v.astype(jnp.float32))  # h2 packs x's own bits
+        if st.h2:  # h2 packs x's own 16-bit values, scaled by 2^-e: exact (subnormals round, as in XLA)
+            x_scale = np.asarray(2.0**-st.h2_exp, x_ref.dtype)
+            xcast = (lambda v: v * x_scale) if st.h2_exp else (lambda v: v)
+        else:
+            xcast = lambda v: v.astype(jnp.float32)  # noqa: E731
 
         def load_xrow(m, kk):
             idx = (m, pl.ds(kk, sub))
@@ -614,10 +618,11 @@ def _kernel(*refs, st: _Static):
             return tuple(accs)
 
         def body_h2(t, loaded, accs):
-            # x arrives scaled by 2^-e (wrapper); the half2 word sums come back in f32, per group slot
+            # x arrives scaled by 2^-e (load_xrow); the half2 word sums come back in f32, per group slot
             tiles, xrows = loaded
             accs = list(accs)
             half = 32 // bits // 2
+            plan = _h2_plan(st)
             groups = _groups_in_step(st, t)
             sz = [load_scale_zero(g) for g, _ in groups]
             packed = []
@@ -630,7 +635,7 @@ def _kernel(*refs, st: _Static):
                 xr = xrows[i]
                 outs = iter(sums[i])
                 tsum: list = [None] * len(groups)
-                for _, lo, hi in _h2_plan(st):
+                for _, lo, hi in plan:
                     for slot in (lo,) if lo == hi else (lo, hi):
                         v = next(outs)
                         tsum[slot] = v if tsum[slot] is None else tsum[slot] + v
@@ -728,8 +733,6 @@ def gptq_matmul(
     h2 = cfg.mode == "fma" and cfg.convert == "h2" and _half2_magic_ok(w.bits, x.dtype)
     h2 = h2 and (interpret or _inline_asm_multi is not None)
     h2_exp = _h2_exp(w.bits, x.dtype) if h2 else 0
-    if h2_exp:  # exact (power of two; values below fp16's normal range round to its subnormals)
-        x = x * jnp.asarray(2.0**-h2_exp, x.dtype)
     if w.perm is not None:  # act-order: kernel row i is feature perm[i]; the gather and the K pad fuse
         x = jnp.take(x, w.perm, axis=1)
         x = jnp.pad(x, ((0, 0), (0, kp - k)))
