@@ -41,24 +41,28 @@ GROUPS = {"llama2-7b": 128, "llama3-8b": 128, "smollm2-135m": 64, "tiny": 128}
 
 @contextlib.contextmanager
 def xla_backend():
-    """Route QuantLinear through the dispatcher's XLA reference (backend="xla") inside the block."""
+    """Route QuantLinear through the dispatcher's XLA reference (backend="xla") and the decode attention through
+    its XLA reference inside the block."""
     import pallas_kernels.dispatch as dispatch
+    import gptq_jax.models.llama as llama
     import gptq_jax.models.quant_linear as ql
 
     patched = []
-    for mod in (ql, dispatch):
-        fn = getattr(mod, "gptq_linear", None)
+    for mod, name in ((ql, "gptq_linear"), (dispatch, "gptq_linear"), (llama, "decode_attention")):
+        fn = getattr(mod, name, None)
         if fn is not None:
-            patched.append((mod, fn))
-            setattr(mod, "gptq_linear", functools.partial(fn, backend="xla"))
-    if not any(mod is ql for mod, _ in patched) and "dispatch" not in vars(ql):
+            patched.append((mod, name, fn))
+            setattr(mod, name, functools.partial(fn, backend="xla"))
+    if not any(mod is ql for mod, _, _ in patched) and "dispatch" not in vars(ql):
         raise RuntimeError("QuantLinear does not call pallas_kernels.dispatch.gptq_linear; nothing to compare")
+    if not any(mod is llama for mod, _, _ in patched):
+        raise RuntimeError("the model does not call decode_attention; nothing to compare")
     gen._EXECUTABLES.clear()  # the compiled executables captured the other path
     try:
         yield
     finally:
-        for mod, fn in patched:
-            setattr(mod, "gptq_linear", fn)
+        for mod, name, fn in patched:
+            setattr(mod, name, fn)
         gen._EXECUTABLES.clear()
 
 

@@ -23,7 +23,8 @@ Running one decoder layer alone (the GPTQ pipeline does)::
 Incremental decoding (gptq_jax/generate.py): `LlamaForCausalLM.hidden_states_cached` runs T new tokens through a
 preallocated per-layer KV cache ((k, v), each (B, S, kv_heads, head_dim)), writing them at cache slots
 start..start+T-1 and attending over the slots `kv_valid` marks (causal in slot order, sliding window in slot order
-as transformers). The no-cache path is untouched.
+as transformers). A single new token (decode) goes through `pallas_kernels.attention.decode_attention` (on GPUs one
+Pallas kernel that also writes the cache; the XLA reference elsewhere). The no-cache path is untouched.
 
 Jit: the model is an NNX module; use ``nnx.jit`` or `jit_forward` (nnx.split once + jax.jit); shapes and the
 config are static, so each (B, T) shape compiles once.
@@ -41,8 +42,8 @@ from jax.typing import DTypeLike
 
 from gptq_jax.models.config import SLIDING_ATTENTION, ModelConfig, rope_frequencies
 from gptq_jax.models.linear import Linear, LinearLike
+from pallas_kernels.attention import attention_reference, cache_attention_mask, decode_attention
 
-_MASKED = float(np.finfo(np.float32).min)
 
 
 class StateDictError(ValueError):
@@ -134,20 +135,6 @@ def attention_mask_4d(attention_mask: jax.Array | None, batch: int, seq_len: int
 LayerCache = tuple[jax.Array, jax.Array]  # (k, v), each (B, S, kv_heads, head_dim): one layer's KV cache
 
 
-def cache_attention_mask(kv_valid: jax.Array, start: jax.Array, seq_len: int,
-                         sliding_window: int | None = None) -> jax.Array:
-    """Boolean (B, 1, T, S) mask for T queries at cache slots start..start+T-1 over S cache slots: key slot s is
-    allowed when s <= the query's slot (causal), `kv_valid[b, s]` (not padding) and, with a sliding window,
-    s > query slot - window (transformers' rule, in slot = sequence-index space)."""
-    s = kv_valid.shape[1]
-    q = jnp.asarray(start, jnp.int32) + jnp.arange(seq_len, dtype=jnp.int32)[:, None]
-    k = jnp.arange(s, dtype=jnp.int32)[None, :]
-    allowed = k <= q
-    if sliding_window is not None:
-        allowed = allowed & (k > q - sliding_window)
-    return allowed[None, None] & (kv_valid[:, None, None, :] > 0)
-
-
 def _fused_attention_available(dtype: jnp.dtype) -> bool:
     """Whether to use cuDNN's fused causal attention: on CUDA GPUs for 16-bit compute dtypes (fp32 stays on the
     XLA path, whose float32 softmax the CPU tests compare against transformers)."""
@@ -183,15 +170,10 @@ class LlamaAttention(nnx.Module):
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         """q (B, T, heads, D) over keys/values (B, S, kv_heads, D) under mask (B, 1, T, S) bool: scores and softmax
-        in float32, probabilities in the compute dtype, then o_proj -> (B, T, hidden)."""
+        in float32, probabilities in the compute dtype (`attention_reference`), then o_proj -> (B, T, hidden)."""
         b, t = q.shape[:2]
-        kv, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        q = q.reshape(b, t, kv, g, d)  # head h = kv_head * g + j (HF repeat_kv)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-        scores = jnp.where(mask[:, :, None, :, :], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32).astype(self.dtype)
-        return self.o_proj(out.reshape(b, t, kv * g * d))
+        out = attention_reference(q, k, v, mask)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
     def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Projections + rotary: q (B, T, heads, D), k and v (B, T, kv_heads, D) in the compute dtype."""
@@ -208,22 +190,31 @@ class LlamaAttention(nnx.Module):
         v = v.reshape(b, t, kv, d)
         return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin), v
 
-    def cached(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: LayerCache,
-               start: jax.Array) -> tuple[jax.Array, LayerCache]:
+    def cached(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_valid: jax.Array, cache: LayerCache,
+               start: jax.Array, sliding_window: int | None = None) -> tuple[jax.Array, LayerCache]:
         """Attention through a preallocated KV cache.
 
-        x (B, T, hidden); cos/sin (B, T, head_dim) float32; cache (k, v) each (B, S, kv_heads, head_dim);
-        start: int32 scalar, the cache slot of x's first token (the same for every row: left padding keeps the
-        rows aligned). The new k/v are written at slots start..start+T-1 (`dynamic_update_slice`), then the
-        queries attend over all S slots under `mask` (B, 1, T, S) bool (`cache_attention_mask`).
+        x (B, T, hidden); cos/sin (B, T, head_dim) float32; kv_valid (B, S) 0/1 marks cache slots holding real
+        tokens; cache (k, v) each (B, S, kv_heads, head_dim); start: int32 scalar, the cache slot of x's first
+        token (the same for every row: left padding keeps the rows aligned). The new k/v are written at slots
+        start..start+T-1, then the queries attend over the cache (`cache_attention_mask`: causal in slot order,
+        kv_valid, sliding window). One new token (decode) goes through `decode_attention` (GPU: one Pallas kernel
+        that also writes the cache); several (prefill) through `dynamic_update_slice` + `attention_reference`.
         Returns (output (B, T, hidden), updated cache).
         """
+        b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         k_cache, v_cache = cache
+        if t == 1:
+            out, k_cache, v_cache = decode_attention(q[:, 0], k[:, 0].astype(k_cache.dtype),
+                                                     v[:, 0].astype(v_cache.dtype), k_cache, v_cache, kv_valid,
+                                                     start, sliding_window)
+            return self.o_proj(out.reshape(b, 1, self.num_heads * self.head_dim)), (k_cache, v_cache)
         zero = jnp.zeros((), jnp.int32)
         idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
+        mask = cache_attention_mask(kv_valid, start, t, sliding_window)
         out = self._attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), mask)
         return out, (k_cache, v_cache)
 
@@ -276,10 +267,9 @@ class LlamaDecoderLayer(nnx.Module):
                start: jax.Array) -> tuple[jax.Array, LayerCache]:
         """One block through its KV cache: hidden (B, T, hidden); positions (B, T) int (rotary); kv_valid (B, S)
         0/1 marks cache slots holding real tokens; start: the slot of hidden's first token -> (hidden, cache)."""
-        t = hidden.shape[1]
         cos, sin = rotary_cos_sin(self.config, positions)
-        mask = cache_attention_mask(kv_valid, start, t, self.sliding_window)
-        a, cache = self.self_attn.cached(self.input_layernorm(hidden), cos, sin, mask, cache, start)
+        a, cache = self.self_attn.cached(self.input_layernorm(hidden), cos, sin, kv_valid, cache, start,
+                                         self.sliding_window)
         h = hidden + a
         return h + self.mlp(self.post_attention_layernorm(h)), cache
 
