@@ -220,6 +220,7 @@ def load_only(w: L.GPTQWeight, bn: int, splits: int, u: int, warps: int, evict: 
             return acc
 
         acc = jax.lax.fori_loop(0, (hi - lo) // u, body, jnp.zeros((rows, bn), jnp.int32))
+        acc = jax.lax.fori_loop(lo + (hi - lo) // u * u, hi, lambda t, a: a + load(t), acc)  # remainder steps
         o_ref[s, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)
 
     call = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((splits, w.n_pad), jnp.int32),
@@ -238,12 +239,17 @@ def variants_for(k, n, m):
     v = []
     KC = G.KernelConfig
     if m == 1:
-        for cv, bn, w, prog in [("pos", 256, 8, 1056), ("h2", 128, 4, 1056), ("h2", 128, 8, 1056),
-                                ("h2", 128, 4, 528), ("h2", 256, 8, 528), ("h2", 128, 4, 2112)]:
-            v.append(("fma", KC(mode="fma", block_m=1, block_n=bn, num_warps=w, convert=cv, split_k=prog)))
+        for cv, bn, w, u, prog in [("pos", 256, 8, 1, 1056), ("h2", 128, 4, 1, 1056), ("h2", 128, 4, 2, 1056),
+                                   ("h2", 128, 4, 1, 2112), ("h2", 128, 4, 2, 2112), ("h2", 128, 4, 4, 2112),
+                                   ("h2", 128, 4, 1, 4224), ("h2", 128, 4, 2, 4224), ("h2", 256, 8, 2, 2112),
+                                   ("h2", 256, 8, 2, 4224)]:
+            v.append(("fma", KC(mode="fma", block_m=1, block_n=bn, num_warps=w, convert=cv, steps_per_iter=u,
+                                split_k=prog)))
     if 1 < m <= 8:
-        for bn, w, prog in [(128, 4, 1056), (128, 8, 1056), (64, 4, 1056), (128, 4, 528)]:
-            v.append(("fma", KC(mode="fma", block_m=m, block_n=bn, num_warps=w, convert="h2", split_k=prog)))
+        for bn, w, u, prog in [(128, 8, 1, 1056), (128, 8, 2, 1056), (128, 8, 2, 2112), (128, 4, 2, 2112),
+                               (128, 8, 1, 4224), (128, 8, 2, 4224)]:
+            v.append(("fma", KC(mode="fma", block_m=m, block_n=bn, num_warps=w, convert="h2", steps_per_iter=u,
+                                split_k=prog)))
     if 1 < m <= 16:
         for bn, w, u, pf, prog in [(128, 4, 2, False, 528), (128, 4, 1, True, 528)]:
             v.append(("dot", KC(block_m=16, block_n=bn, num_warps=w, convert="magic16", steps_per_iter=u,
@@ -294,9 +300,11 @@ def sweep(args):
                   f"q4 {wb/1e6:.1f} MB (C={c})", flush=True)
             reps = min(8 * c, max(2 * c, math.ceil(3e-3 / (best / 3) / c) * c))
             if m == 1:  # the weight stream alone (no dequantization), same grid as the M = 1 table entry
-                s_ = max(1, min(w.num_steps, round(1056 / (w.n_pad // 256))))
-                t = jax_time(load_only(w, 256, s_, 1, 8, True), wq, xs, reps)
-                print(f"  {'load only bn=256 w=8 S=' + str(s_):55s}: {t*1e6:8.1f} us  {wb/t/1e12:.2f} TB/s", flush=True)
+                for bn_, w_, u_, prog in [(256, 8, 1, 1056), (128, 4, 2, 4224)]:
+                    s_ = max(1, min(w.num_steps, round(prog / (w.n_pad // bn_))))
+                    t = jax_time(load_only(w, bn_, s_, u_, w_, True), wq, xs, reps)
+                    print(f"  {f'load only bn={bn_} w={w_} U={u_} S={s_}':55s}: {t*1e6:8.1f} us  {wb/t/1e12:.2f} TB/s",
+                          flush=True)
             for label, cfg in variants_for(k, n, m):
                 try:
                     if cfg is None:

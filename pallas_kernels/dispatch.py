@@ -47,7 +47,7 @@ class Rule:
 # beat inline asm (96 vs 111 us); M = 64 a 64-row dot tile (179 us) beat dequantize+dot (349 us); beyond 64 rows
 # the fused Triton kernel loses to dequantize+dot.
 TABLE: tuple[Rule, ...] = (
-    Rule(1, KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2"), 1056),
+    Rule(1, KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2"), 2112),
     Rule(2, KernelConfig(mode="fma", block_m=2, block_n=128, num_warps=8, convert="h2"), 1056),
     Rule(16, KernelConfig(mode="dot", block_m=16, block_n=128, num_warps=4, convert="magic16", steps_per_iter=2), 528),
     Rule(32, KernelConfig(mode="dot", block_m=32, block_n=128, num_warps=4, convert="magic16"), 264),
