@@ -524,9 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="KV cache slots per prompt (default: padded prompt + max-new-tokens, rounded up to 128)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="compute dtype (auto: float16 on GPU, float32 on CPU)")
-    gen.add_argument("--fuse", action="store_true",
-                     help="run q/k/v and gate/up as one linear each (same tokens; faster decode on a GPU: "
-                     "benchmarks/RESULTS.md)")
+    gen.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                     help="run q/k/v and gate/up as one linear each (default; same tokens, faster decode on a GPU: "
+                     "benchmarks/RESULTS.md); --no-fuse keeps the model's seven linears per layer")
     common(gen)
     gen.set_defaults(func=cmd_generate, title="generate")
 

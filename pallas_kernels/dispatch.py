@@ -41,7 +41,8 @@ class Rule:
     programs: int = 1056
 
 
-# H100 sweeps (4-bit g128, fp16; benchmarks/RESULTS.md). M = 1, 2 (2026-11-23): the fma kernel in packed half2
+# H100 sweeps (4-bit g128, fp16; benchmarks/RESULTS.md). M = 1 targets 2112 programs (2026-11-23, fourth session:
+# 8192x28672 50.4 us vs 53.5 at 1056, 4096x11008 15.0 vs 16.5). M = 1, 2 (2026-11-23): the fma kernel in packed half2
 # arithmetic ("h2": 51 us at (8192, 28672) vs 77 us for the fp32 "pos" kernel and 92 us for dots; at M = 2 70 us
 # vs 106 us for dots; at M = 4 dots win, 105 vs 120 us). M <= 16 (2026-11-22): dot with the fp16 0x6400 trick
 # beat inline asm (96 vs 111 us); M = 64 a 64-row dot tile (179 us) beat dequantize+dot (349 us); beyond 64 rows

@@ -19,8 +19,9 @@ CONFIG = dict(model_type="qwen2", vocab_size=256, hidden_size=128, intermediate_
               tie_word_embeddings=False, rope_theta=10000.0)
 
 
-def quantize_all(model, bits: int, act_order_layer: str | None = None, seed: int = 0) -> None:
-    """Replace every decoder linear by a random GPTQ layer (group 32, asym, v2); one layer with act-order."""
+def quantize_all(model, bits: int, act_order_layer: str | None = None, seed: int = 0, sym_suffix: str = "") -> None:
+    """Replace every decoder linear by a random GPTQ layer (group 32, asym, v2); one layer with act-order; layers
+    whose name ends with sym_suffix symmetric (every zero point 2^(bits-1): the kernel layout then holds none)."""
     rng = np.random.default_rng(seed)
     for name, lin in list(iter_linears(model)):
         if ".layers." not in name:
@@ -31,6 +32,8 @@ def quantize_all(model, bits: int, act_order_layer: str | None = None, seed: int
             g_idx = g_idx[rng.permutation(k)]
         codes = rng.integers(0, 2**bits, (n, k))
         zeros = rng.integers(1, 2**bits, (n, k // 32))
+        if sym_suffix and name.endswith(sym_suffix):
+            zeros[:] = 2 ** (bits - 1)
         scales = rng.uniform(0.002, 0.02, (n, k // 32)).astype(np.float32)
         bias = rng.normal(size=n).astype(np.float32) if lin.bias is not None else None
         t = pack_gptq_layer(codes, scales, zeros, g_idx, bits, "gptq_v2", bias)
@@ -38,11 +41,16 @@ def quantize_all(model, bits: int, act_order_layer: str | None = None, seed: int
                                                 bits=bits, checkpoint_format="gptq_v2"))
 
 
-@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("quantized", [None, (4, ""), (3, "q_proj"), (2, "up_proj")])
 def test_fused_model_computes_the_same_and_unfuses_exactly(quantized):
+    """Widths 128/64/192 (not all multiples of the kernel's 128-column alignment), symmetric parts beside asymmetric
+    ones, every bit width's layout."""
     model = LlamaForCausalLM(ModelConfig.from_hf(CONFIG), rngs=nnx.Rngs(1))
     if quantized:
-        quantize_all(model, 4)
+        bits, sym = quantized
+        quantize_all(model, bits, sym_suffix=sym)
+        if sym:
+            assert all(m.zeros is None for n, m in iter_linears(model) if n.endswith(sym))
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 24)), jnp.int32)
     ref = np.asarray(model(ids))
     before = model_to_state_dict(model)
@@ -56,6 +64,8 @@ def test_fused_model_computes_the_same_and_unfuses_exactly(quantized):
     with pytest.raises(ValueError, match="unfuse_projections"):
         model_to_state_dict(model)
     assert unfuse_projections(model) == 4
+    if quantized and quantized[1]:
+        assert all(m.zeros is None for n, m in iter_linears(model) if n.endswith(quantized[1]))
     after = model_to_state_dict(model)
     assert set(after) == set(before)
     for k in before:

@@ -324,15 +324,15 @@ def test_cli_generate_gptq_checkpoint_and_bad_checkpoint(capsys, tmp_path):
     qcfg = {"bits": 4, "group_size": 32, "sym": False, "desc_act": True, "checkpoint_format": "gptq"}
     ckpt = write_gptq_checkpoint(tmp_path / "q", hf, qcfg, layers, other, tokenizer=tok)
     code, lines = _run_cli(capsys, ["generate", str(ckpt), "--prompt", PROMPTS[0], "--max-new-tokens", "8",
-                                    "--json", "--quiet"])
+                                    "--no-fuse", "--json", "--quiet"])
     res = json.loads(lines[-1])
     ids = tok(PROMPTS[0])["input_ids"]
     assert code == 0 and res["tokens"] == G.generate_ids(dmodel, [ids], max_new_tokens=8,
                                                          eos_token_ids=(2,))[0][0]
     assert res["fused_projections"] is None
-    # --fuse: act-order layers with their own permutations stay separate (0 fused here), same tokens
+    # fused by default: act-order layers with their own permutations stay separate (0 fused here), same tokens
     code, lines = _run_cli(capsys, ["generate", str(ckpt), "--prompt", PROMPTS[0], "--max-new-tokens", "8",
-                                    "--fuse", "--json", "--quiet"])
+                                    "--json", "--quiet"])
     fused = json.loads(lines[-1])
     assert code == 0 and fused["tokens"] == res["tokens"] and fused["fused_projections"] == 0, fused
     # ... and a checkpoint without act-order fuses both groups of both layers, with the same tokens

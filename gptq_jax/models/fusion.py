@@ -6,9 +6,11 @@ A decoder layer calls seven linears per token; at batch 1 each is a separate, sh
 runs four matmuls; the attention and MLP split the fused output back (gptq_jax/models/llama.py). The numbers do
 not change: every output column is computed from the same weights as before.
 
-Dense `Linear`s always fuse. `QuantLinear`s fuse when they agree on bits, checkpoint format and input grouping
-(identical g_idx: no act-order, GAR, or act-order with static groups; act-order layers with their own permutations
-stay separate, counted in the result); their AutoGPTQ tensors are concatenated along N (exact) and repacked once.
+Dense `Linear`s always fuse. `QuantLinear`s fuse when they agree on bits, checkpoint format, group size and input
+order (the same act-order permutation or none: no act-order, GAR, or act-order with static groups; act-order
+layers with their own permutations stay separate, counted in the result). Their kernel-layout arrays (codes,
+scales, zero points) are concatenated column by column on the device, exact for every bit width, with no
+repacking; a symmetric part next to asymmetric ones gets its constant zero points written out.
 
 A fused model is for inference (`generate`, `eval`): saving refuses it and LoRA finds no q/k/v to target;
 `unfuse_projections` restores the original modules exactly.
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from gptq_jax.models.linear import Linear
 from gptq_jax.models.quant_linear import QuantLinear
+from pallas_kernels.gptq_layout import N_ALIGN, GPTQWeight, zero_point
 
 __all__ = ["FusionReport", "fuse_projections", "unfuse_projections", "concatenate_linears", "split_linear"]
 
@@ -48,18 +52,25 @@ def concatenate_linears(parts: list) -> Linear | QuantLinear:
         raise ValueError("some parts have a bias and others do not")
     n = sum(p.out_features for p in parts)
     if isinstance(first, QuantLinear):
-        for attr in ("bits", "checkpoint_format", "group_size", "dtype", "out_dtype", "scales_dtype"):
+        for attr in ("bits", "checkpoint_format", "group_size", "in_features", "dtype", "out_dtype", "scales_dtype"):
             if len({getattr(p, attr) for p in parts}) != 1:
                 raise ValueError(f"{attr} differs")
-        if first.bits == 3 and any(p.out_features % 32 for p in parts):
-            raise ValueError("3-bit zero points of widths that are not multiples of 32 cannot be concatenated")
-        t = [p.to_torch_tensors() for p in parts]
-        if any(not np.array_equal(x["g_idx"], t[0]["g_idx"]) for x in t):
+        ws = [p.weight() for p in parts]
+        if len({w.perm is None for w in ws}) != 1 or (
+                ws[0].perm is not None and not all(bool(jnp.array_equal(w.perm, ws[0].perm)) for w in ws)):
             raise ValueError("g_idx differs (act-order layers with their own permutations)")
-        cat = {k: np.concatenate([x[k] for x in t], axis=-1) for k in ("qweight", "qzeros", "scales")}
-        bias = None if first.bias is None else np.concatenate([x["bias"] for x in t])
-        return QuantLinear(cat["qweight"], cat["qzeros"], cat["scales"], t[0]["g_idx"], bias, bits=first.bits,
-                           checkpoint_format=first.checkpoint_format, dtype=first.dtype, out_dtype=first.out_dtype)
+        zp = zero_point(first.bits)
+        zeros = None if all(w.zeros is None for w in ws) else [
+            jnp.full(w.scales.shape, zp, jnp.float16) if w.zeros is None else w.zeros for w in ws]
+        w = GPTQWeight(
+            planes=tuple(_concat_columns([w.planes[i] for w in ws], ws) for i in range(len(ws[0].planes))),
+            scales=_concat_columns([w.scales for w in ws], ws),
+            zeros=None if zeros is None else _concat_columns(zeros, ws),
+            perm=ws[0].perm, bits=first.bits, group_size=first.group_size, in_features=first.in_features,
+            out_features=n)
+        bias = None if first.bias is None else jnp.concatenate([p.bias[...] for p in parts])
+        return QuantLinear(bias=bias, bits=first.bits, checkpoint_format=first.checkpoint_format, dtype=first.dtype,
+                           out_dtype=first.out_dtype, weight=w, scales_dtype=first.scales_dtype)
     if isinstance(first, Linear):
         if len({(p.dtype, p.out_dtype, p.kernel.get_value().dtype) for p in parts}) != 1:
             raise ValueError("dtypes differ")
@@ -73,21 +84,37 @@ def concatenate_linears(parts: list) -> Linear | QuantLinear:
     raise ValueError(f"cannot fuse {type(first).__name__} layers")
 
 
+def _pad_columns(a: jax.Array) -> jax.Array:
+    """Pad a kernel-layout array's columns (axis 1) to a multiple of N_ALIGN with zeros (padding columns are never
+    written to the output)."""
+    return jnp.pad(a, ((0, 0), (0, -a.shape[1] % N_ALIGN)))
+
+
+def _concat_columns(arrays: list[jax.Array], ws: list[GPTQWeight]) -> jax.Array:
+    """Kernel-layout arrays (rows, N_pad) of several weights -> their true columns side by side, padded again.
+    Columns are independent in the kernel layout (codes are packed along K), so this is exact for every bit width."""
+    return _pad_columns(jnp.concatenate([a[:, : w.out_features] for a, w in zip(arrays, ws)], axis=1))
+
+
 def split_linear(fused, sizes: list[int]) -> list:
     """The inverse of `concatenate_linears`: one linear per output width in `sizes` (exact)."""
     edges = np.cumsum([0, *sizes])
     if isinstance(fused, QuantLinear):
-        t = fused.to_torch_tensors()
-        per_word = 32 // fused.bits if fused.bits != 3 else 32
+        fw = fused.weight()
+        zp = zero_point(fused.bits)
         out = []
         for a, b in zip(edges[:-1], edges[1:]):
-            za, zb = a * fused.bits // 32, b * fused.bits // 32
-            if a % per_word or b % per_word:
-                raise ValueError(f"cannot split packed zero points at column {a}:{b}")
-            bias = None if "bias" not in t else t["bias"][a:b]
-            out.append(QuantLinear(t["qweight"][:, a:b], t["qzeros"][:, za:zb], t["scales"][:, a:b], t["g_idx"],
-                                   bias, bits=fused.bits, checkpoint_format=fused.checkpoint_format,
-                                   dtype=fused.dtype, out_dtype=fused.out_dtype))
+            cols = lambda x: _pad_columns(x[:, a:b])  # noqa: E731
+            zeros = None
+            if fw.zeros is not None and not bool(jnp.all(fw.zeros[:, a:b] == zp)):
+                zeros = cols(fw.zeros)  # a part whose zero points are all 2^(bits-1) is symmetric again
+            w = GPTQWeight(planes=tuple(cols(p) for p in fw.planes), scales=cols(fw.scales), zeros=zeros,
+                           perm=fw.perm, bits=fw.bits, group_size=fw.group_size, in_features=fw.in_features,
+                           out_features=int(b - a))
+            bias = None if fused.bias is None else fused.bias[...][a:b]
+            out.append(QuantLinear(bias=bias, bits=fused.bits, checkpoint_format=fused.checkpoint_format,
+                                   dtype=fused.dtype, out_dtype=fused.out_dtype, weight=w,
+                                   scales_dtype=fused.scales_dtype))
         return out
     out = []
     for a, b in zip(edges[:-1], edges[1:]):

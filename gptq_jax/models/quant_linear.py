@@ -67,25 +67,43 @@ class QuantLinear(nnx.Module):
         `to_torch_tensors` writes back.
       dtype: compute dtype (x is cast to it; accumulation is float32).
       out_dtype: dtype of the result; None means `dtype`.
+      weight: instead of qweight/qzeros/scales/g_idx, the layer already in the kernel layout (a `GPTQWeight`, e.g.
+        columns of several layers concatenated by `gptq_jax.models.fusion`); scales_dtype then names the dtype
+        `to_torch_tensors` writes the scales in (default: the layout's).
     """
 
     def __init__(
         self,
-        qweight,
-        qzeros,
-        scales,
-        g_idx,
+        qweight=None,
+        qzeros=None,
+        scales=None,
+        g_idx=None,
         bias=None,
         *,
         bits: int,
         checkpoint_format: str = "gptq",
         dtype: DTypeLike = jnp.float32,
         out_dtype: DTypeLike | None = None,
+        weight: GPTQWeight | None = None,
+        scales_dtype: str | None = None,
     ):
         if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={bits!r} is not supported (use one of {SUPPORTED_BITS})")
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f"checkpoint_format={checkpoint_format!r} is not one of {CHECKPOINT_FORMATS}")
+        if weight is not None:
+            if any(a is not None for a in (qweight, qzeros, scales, g_idx)):
+                raise ValueError("give either the AutoGPTQ tensors or weight=, not both")
+            if weight.bits != bits:
+                raise ValueError(f"weight has bits={weight.bits}, but bits={bits}")
+            n = weight.out_features
+            if bias is not None and _shape(bias, "bias", 1) != (n,):
+                raise ValueError(f"bias has shape {tuple(np.shape(bias))}; expected (N={n},)")
+            self._set(weight, bias, checkpoint_format, scales_dtype or str(np.dtype(weight.scales.dtype)), dtype,
+                      out_dtype)
+            return
+        if any(a is None for a in (qweight, qzeros, scales, g_idx)):
+            raise ValueError("qweight, qzeros, scales and g_idx are required (or weight=)")
         rows, n = _shape(qweight, "qweight", 2)
         if (rows * 32) % bits:
             raise ValueError(f"qweight has {rows} rows, not K*{bits}/32 for an integer K")
@@ -107,12 +125,15 @@ class QuantLinear(nnx.Module):
                         np.asarray(g_idx), bits=bits, checkpoint_format=checkpoint_format)
         except ValueError as e:
             raise ValueError(f"the GPTQ kernels cannot run this layer: {e}") from None
-        self.in_features = int(k)
-        self.out_features = int(n)
-        self.bits = int(bits)
+        self._set(w, bias, checkpoint_format, str(np.dtype(scales.dtype)), dtype, out_dtype)
+
+    def _set(self, w: GPTQWeight, bias, checkpoint_format: str, scales_dtype: str, dtype, out_dtype) -> None:
+        self.in_features = int(w.in_features)
+        self.out_features = int(w.out_features)
+        self.bits = int(w.bits)
         self.group_size = int(w.group_size)
         self.checkpoint_format = str(checkpoint_format)
-        self.scales_dtype = str(np.dtype(scales.dtype))
+        self.scales_dtype = scales_dtype
         self.dtype = jnp.dtype(dtype)
         self.out_dtype = None if out_dtype is None else jnp.dtype(out_dtype)
         self.capture_input = False
