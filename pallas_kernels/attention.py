@@ -128,7 +128,8 @@ def _kernel(start_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, valid_ref, *outs, 
     # the new token (split 0 only; always attended when its slot is valid)
     kn = kn_ref[b, h, :]
     vn = vn_ref[b, h, :]
-    own_ok = (valid_ref[b, start] > 0) & (sp == 0)
+    in_cache = start < st.s  # callers keep start inside the cache; never read or write past it regardless
+    own_ok = (valid_ref[b, jnp.minimum(start, st.s - 1)] > 0) & (sp == 0) & in_cache
     own = own_ok.astype(jnp.float32)  # 1.0 / 0.0 (scalar predicates are kept out of `where`: Triton lowering)
     s_new = jnp.sum(qf * kn.astype(jnp.float32)[None, :], axis=1)
     m = own * s_new + (1.0 - own) * _MASKED
@@ -176,7 +177,7 @@ def _kernel(start_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, valid_ref, *outs, 
         m_ref[b, h, sp] = m
         l_ref[b, h, sp] = l
 
-    @pl.when(sp == 0)
+    @pl.when((sp == 0) & in_cache)
     def _():
         kco_ref[b, start, h, :] = kn.astype(kco_ref.dtype)
         vco_ref[b, start, h, :] = vn.astype(vco_ref.dtype)

@@ -45,7 +45,6 @@ from gptq_jax.models.linear import Linear, LinearLike
 from pallas_kernels.attention import attention_reference, cache_attention_mask, decode_attention
 
 
-
 class StateDictError(ValueError):
     """A state dict that does not fit the model (missing / unexpected tensor, wrong shape)."""
 
