@@ -366,11 +366,16 @@ def cmd_bench_generate(args: argparse.Namespace) -> dict:
     rows = []
     for name, build in variants():
         model = build()
+        fused = None
+        if args.fuse:  # as `generate` runs them (the same setting for every variant)
+            from gptq_jax.models.fusion import fuse_projections
+
+            fused = fuse_projections(model).fused
         for r in gen.bench_generate(model, batch_sizes=batch_sizes, prompt_len=args.prompt_len,
                                     new_tokens=args.new_tokens, seed=args.seed, repeats=args.repeats):
             bound = bandwidth / r["weight_bytes"]  # decode steps/s if every step only read the weights once
             rows.append({"variant": name, **r, "bandwidth_bound_steps_per_s": bound,
-                         "fraction_of_bound": r["decode_steps_per_s"] / bound})
+                         "fraction_of_bound": r["decode_steps_per_s"] / bound, "fused_projections": fused})
         del model
         gc.collect()
     if not args.json:
@@ -577,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--seed", type=int, default=0)
     bg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="compute dtype (auto: float16 on GPU, float32 on CPU)")
+    bg.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                    help="fuse q/k/v and gate/up in every variant, as `generate` does (default); --no-fuse: not")
     common(bg)
     bg.set_defaults(func=cmd_bench_generate, title="bench-generate")
     return p

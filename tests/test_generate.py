@@ -372,6 +372,8 @@ def test_cli_bench_generate_random_tiny(capsys):
     quant = next(r for r in rows if r["variant"].startswith("gptq"))
     assert quant["weight_bytes"] < dense["weight_bytes"]
     assert all(r["decode_tokens_per_s"] > 0 and r["time_to_first_token_s"] > 0 for r in rows)
+    layers = G.random_config("tiny").num_hidden_layers  # fused like `generate` runs them: q/k/v and gate/up
+    assert all(r["fused_projections"] == 2 * layers for r in rows), rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
