@@ -16,8 +16,8 @@ probabilities x values) of 1.5-3.7 us each on the H100, about 0.3 ms of a 7B mod
 * splits > 1 (long caches, few rows/heads): each split writes (m, l, acc) and XLA combines them:
   out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i, M = max_i m_i.
 
-`decode_attention_reference` is the XLA computation the kernel replaces (`jax.lax.dynamic_update_slice` + masked
-softmax attention), used on CPU and in tests; `attention_reference` and `cache_attention_mask` are shared with the
+`decode_attention_reference` is the XLA computation the kernel replaces (`write_cache` + masked
+softmax attention), used on CPU and in tests; `write_cache`, `attention_reference` and `cache_attention_mask` are shared with the
 model's prefill / no-cache paths.
 """
 
@@ -36,7 +36,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.matmul import compiler_params
 
 __all__ = ["AttentionConfig", "attention_reference", "cache_attention_mask", "decode_attention",
-           "decode_attention_reference"]
+           "decode_attention_reference", "write_cache"]
 
 _MASKED = float(np.finfo(np.float32).min)
 
@@ -74,15 +74,22 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     return out.reshape(b, t, h, d)
 
 
+def write_cache(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
+                start: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """XLA: k, v (B, T, KV, D) written at cache slots start..start+T-1 of k_cache, v_cache (B, S, KV, D), cast to
+    the caches' dtype (`dynamic_update_slice`: in place inside a jitted loop)."""
+    zero = jnp.zeros((), jnp.int32)
+    idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
+    return (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx),
+            jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx))
+
+
 def decode_attention_reference(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array,
                                v_cache: jax.Array, kv_valid: jax.Array, start: jax.Array,
                                sliding_window: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """XLA: write k_new/v_new (B, KV, D) at cache slot `start`, then attend q (B, H, D) over the cache.
     Returns (out (B, H, D) in q's dtype, k_cache, v_cache)."""
-    zero = jnp.zeros((), jnp.int32)
-    idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[:, None].astype(k_cache.dtype), idx)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v_new[:, None].astype(v_cache.dtype), idx)
+    k_cache, v_cache = write_cache(k_cache, v_cache, k_new[:, None], v_new[:, None], start)
     mask = cache_attention_mask(kv_valid, start, 1, sliding_window)
     out = attention_reference(q[:, None], k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
     return out[:, 0], k_cache, v_cache

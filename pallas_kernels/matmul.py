@@ -301,7 +301,6 @@ def _code_fma(st: _Static, tiles, j: int) -> tuple[jax.Array, float]:
     return _magic_f32(v & (mask << p2)), 2.0 ** (-p2)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # "h2": the M = 1 fma path in packed half2 arithmetic
 

@@ -42,7 +42,7 @@ from jax.typing import DTypeLike
 
 from gptq_jax.models.config import SLIDING_ATTENTION, ModelConfig, rope_frequencies
 from gptq_jax.models.linear import Linear, LinearLike
-from pallas_kernels.attention import attention_reference, cache_attention_mask, decode_attention
+from pallas_kernels.attention import attention_reference, cache_attention_mask, decode_attention, write_cache
 
 
 class StateDictError(ValueError):
@@ -198,7 +198,7 @@ class LlamaAttention(nnx.Module):
         token (the same for every row: left padding keeps the rows aligned). The new k/v are written at slots
         start..start+T-1, then the queries attend over the cache (`cache_attention_mask`: causal in slot order,
         kv_valid, sliding window). One new token (decode) goes through `decode_attention` (GPU: one Pallas kernel
-        that also writes the cache); several (prefill) through `dynamic_update_slice` + `attention_reference`.
+        that also writes the cache); several (prefill) through `write_cache` + `attention_reference`.
         Returns (output (B, T, hidden), updated cache).
         """
         b, t, _ = x.shape
@@ -209,10 +209,7 @@ class LlamaAttention(nnx.Module):
                                                      v[:, 0].astype(v_cache.dtype), k_cache, v_cache, kv_valid,
                                                      start, sliding_window)
             return self.o_proj(out.reshape(b, 1, self.num_heads * self.head_dim)), (k_cache, v_cache)
-        zero = jnp.zeros((), jnp.int32)
-        idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx)
+        k_cache, v_cache = write_cache(k_cache, v_cache, k, v, start)
         mask = cache_attention_mask(kv_valid, start, t, sliding_window)
         out = self._attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), mask)
         return out, (k_cache, v_cache)
