@@ -1,0 +1,85 @@
+"""Decode attention on one CUDA GPU: the Pallas kernel (pallas_kernels/attention.py) in several configurations
+against its XLA reference, fp16, one new token per row.
+
+Method: each contender runs inside one jitted `fori_loop` of R steps over C separate caches, carrying the caches
+(so both update them in place, as in the decode loop) and feeding each output into the next query (so no call is
+dropped); time per call = best of three loop timings / (R * C).
+
+    python benchmarks/bench_attention.py            # prints one table per shape
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pallas_kernels.attention import AttentionConfig, decode_attention  # noqa: E402
+
+# (batch, heads, kv heads, head_dim, cache slots)
+SHAPES = [(1, 32, 32, 128, 384), (1, 32, 32, 128, 2048), (8, 32, 32, 128, 384), (32, 32, 32, 128, 384),
+          (1, 9, 3, 64, 384), (1, 32, 8, 128, 4096)]
+CONFIGS = [AttentionConfig(), AttentionConfig(splits=1), AttentionConfig(block_k=128), AttentionConfig(programs=528),
+           AttentionConfig(num_warps=8, block_k=128), AttentionConfig(programs=132)]
+
+
+def time_call(b, nh, kv, d, s, backend, cfg=None, copies=8, reps=20) -> float:
+    key = jax.random.key(0)
+    q = jax.random.normal(key, (b, nh, d), jnp.float16)
+    kn = jax.random.normal(key, (b, kv, d), jnp.float16)
+    caches = tuple((jax.random.normal(jax.random.key(i), (b, s, kv, d), jnp.float16),
+                    jax.random.normal(jax.random.key(i + 99), (b, s, kv, d), jnp.float16)) for i in range(copies))
+    valid = jnp.ones((b, s), jnp.int32)
+    start = jnp.int32(s - 3)
+
+    @jax.jit
+    def run(caches, q):
+        def body(i, carry):
+            caches, acc = carry
+            out = []
+            for kc, vc in caches:
+                o, kc, vc = decode_attention(q + acc, kn, kn, kc, vc, valid, start, backend=backend, config=cfg)
+                acc = acc + o * 1e-3
+                out.append((kc, vc))
+            return tuple(out), acc
+
+        return jax.lax.fori_loop(0, reps, body, (caches, jnp.zeros_like(q)))
+
+    r = run(caches, q)
+    jax.block_until_ready(r)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        r = run(r[0], q)
+        jax.block_until_ready(r)
+        best = min(best, time.perf_counter() - t0)
+    return best / (reps * copies)
+
+
+def main() -> None:
+    print("devices", jax.devices(), "jax", jax.__version__, flush=True)
+    for shape in SHAPES:
+        b, nh, kv, d, s = shape
+        t_x = time_call(*shape, "xla")
+        rows = [("xla", t_x)]
+        for cfg in CONFIGS:
+            name = f"bk{cfg.block_k} sp{cfg.splits} prog{cfg.programs} w{cfg.num_warps}"
+            try:
+                rows.append((name, time_call(*shape, "pallas", cfg)))
+            except Exception as e:  # report and go on
+                print(shape, name, "FAILED", str(e)[:300], flush=True)
+        kv_bytes = 2 * b * s * kv * d * 2
+        print(f"\n(B, heads, kv heads, D, slots) = {shape}: K/V cache {kv_bytes / 1e6:.1f} MB", flush=True)
+        for name, t in rows:
+            print(f"  {name:32s} {t * 1e6:7.2f} us  {kv_bytes / t / 1e12:5.2f} TB/s  x{t_x / t:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
