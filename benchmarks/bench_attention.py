@@ -32,8 +32,9 @@ CONFIGS = [AttentionConfig(), AttentionConfig(splits=1), AttentionConfig(block_k
 
 def time_call(b, nh, kv, d, s, backend, cfg=None, copies=8, reps=20) -> float:
     key = jax.random.key(0)
-    q = jax.random.normal(key, (b, nh, d), jnp.float16)
-    kn = jax.random.normal(key, (b, kv, d), jnp.float16)
+    qkv = jax.random.normal(key, (b, (nh + 2 * kv) * d), jnp.float16)
+    cos = jnp.cos(jnp.arange(d, dtype=jnp.float32))[None].repeat(b, 0)
+    sin = jnp.sin(jnp.arange(d, dtype=jnp.float32))[None].repeat(b, 0)
     caches = tuple((jax.random.normal(jax.random.key(i), (b, s, kv, d), jnp.float16),
                     jax.random.normal(jax.random.key(i + 99), (b, s, kv, d), jnp.float16)) for i in range(copies))
     valid = jnp.ones((b, s), jnp.int32)
@@ -45,13 +46,15 @@ def time_call(b, nh, kv, d, s, backend, cfg=None, copies=8, reps=20) -> float:
             caches, acc = carry
             out = []
             for kc, vc in caches:
-                o, kc, vc = decode_attention(q + acc, kn, kn, kc, vc, valid, start, backend=backend, config=cfg)
-                acc = acc + o * 1e-3
+                o, kc, vc = decode_attention(q + acc, cos, sin, kc, vc, valid, start, num_heads=nh,
+                                             backend=backend, config=cfg)
+                acc = acc + jnp.pad(o.reshape(b, -1), ((0, 0), (0, 2 * kv * d))) * 1e-3
                 out.append((kc, vc))
             return tuple(out), acc
 
         return jax.lax.fori_loop(0, reps, body, (caches, jnp.zeros_like(q)))
 
+    q = qkv
     r = run(caches, q)
     jax.block_until_ready(r)
     best = float("inf")

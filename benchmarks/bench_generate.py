@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--fused", action="store_true",
                     help="also time each variant with q/k/v and gate/up fused (gptq_jax.models.fusion)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset of fp16, gptq, fp16+fused, gptq+fused (default: fp16 and gptq, "
+                    "plus their fused forms with --fused)")
     ap.add_argument("--skip-check", action="store_true", help="skip the Pallas vs XLA greedy-token check")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -121,6 +124,13 @@ def main(argv=None) -> int:
     for name in args.configs.split(","):
         config = gen.random_config(name)
         variants = [(None, False), (args.bits, False)] + ([(None, True), (args.bits, True)] if args.fused else [])
+        if args.variants:
+            known = {"fp16": (None, False), "gptq": (args.bits, False), "fp16+fused": (None, True),
+                     "gptq+fused": (args.bits, True)}
+            bad = [v for v in args.variants.split(",") if v not in known]
+            if bad:
+                ap.error(f"--variants: unknown {bad}; choose from {sorted(known)}")
+            variants = [known[v] for v in args.variants.split(",")]
         for bits, fused in variants:
             t0 = time.perf_counter()
             model = gen.random_model(config, dtype=jnp.float16, bits=bits, group_size=GROUPS[name])
@@ -144,11 +154,13 @@ def main(argv=None) -> int:
     print(f"\n{'config':<13} {'variant':<17} {'B':>3} {'TTFT ms':>8} {'tok/s':>9} {'steps/s':>8} "
           f"{'vs fp16':>7} {'bound':>7} {'of bound':>8} {'weights GB':>10}")
     for r in rows:
-        base = next(x for x in rows if x["config"] == r["config"] and x["variant"] == "fp16"
-                    and x["batch"] == r["batch"])
-        r["speedup_vs_fp16"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        # against plain fp16, or fused fp16 when plain fp16 was not run
+        base = next((x for v in ("fp16", "fp16+fused") for x in rows if x["config"] == r["config"]
+                     and x["variant"] == v and x["batch"] == r["batch"]), None)
+        r["speedup_vs_fp16"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else None
+        vs = f"{r['speedup_vs_fp16']:>7.2f}" if base else f"{'-':>7}"
         print(f"{r['config']:<13} {r['variant']:<17} {r['batch']:>3} {r['time_to_first_token_s'] * 1e3:>8.1f} "
-              f"{r['decode_tokens_per_s']:>9.1f} {r['decode_steps_per_s']:>8.1f} {r['speedup_vs_fp16']:>7.2f} "
+              f"{r['decode_tokens_per_s']:>9.1f} {r['decode_steps_per_s']:>8.1f} {vs} "
               f"{r['bound_steps_per_s']:>7.1f} {r['fraction_of_bound']:>8.2f} {r['weight_bytes'] / 1e9:>10.3f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -5,8 +5,12 @@ One decode step of a layer's attention used to be five small XLA kernels (two ca
 probabilities x values) of 1.5-3.7 us each on the H100, about 0.3 ms of a 7B model's 2.4 ms 4-bit decode step.
 `decode_attention` does it in one kernel (plus one small XLA combine when the cache is split):
 
+* input: the new token's projections q | k | v as one row (B, (H + 2 KV) D), as the fused q/k/v linear writes it,
+  and the rotary cos/sin of its position; the kernel applies the rotary embedding to q and k itself (in float32,
+  rounded once), so no XLA kernels slice the projections or rotate them;
 * grid (B, kv_heads, splits): a program takes one row, one key/value head and its `g = heads / kv_heads` query
   heads (GQA; rows padded to the 16-row dot minimum and masked), and a contiguous share of the cache slots;
+  q and k are handled as their two rotary halves (two dots of D/2 for the scores);
 * per block of `block_k` slots: scores = q k^T (tensor cores, fp32), the mask (slot < start, kv_valid, sliding
   window), an online softmax (running max m, sum l; probabilities cast to the compute dtype before the
   probabilities x values dot, as the reference casts its softmax), fp32 accumulator;
@@ -16,9 +20,9 @@ probabilities x values) of 1.5-3.7 us each on the H100, about 0.3 ms of a 7B mod
 * splits > 1 (long caches, few rows/heads): each split writes (m, l, acc) and XLA combines them:
   out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i, M = max_i m_i.
 
-`decode_attention_reference` is the XLA computation the kernel replaces (`write_cache` + masked
-softmax attention), used on CPU and in tests; `write_cache`, `attention_reference` and `cache_attention_mask` are shared with the
-model's prefill / no-cache paths.
+`decode_attention_reference` is the XLA computation the kernel replaces (`split_qkv`, `apply_rotary`,
+`write_cache` + masked softmax attention), used on CPU and in tests; those pieces and `cache_attention_mask` are
+shared with the model's prefill / no-cache paths.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.matmul import compiler_params
 
-__all__ = ["AttentionConfig", "attention_reference", "cache_attention_mask", "decode_attention",
-           "decode_attention_reference", "write_cache"]
+__all__ = ["AttentionConfig", "apply_rotary", "attention_reference", "cache_attention_mask", "decode_attention",
+           "decode_attention_reference", "split_qkv", "write_cache"]
 
 _MASKED = float(np.finfo(np.float32).min)
 
@@ -84,12 +88,34 @@ def write_cache(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Arr
             jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx))
 
 
-def decode_attention_reference(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array,
+def split_qkv(qkv: jax.Array, num_heads: int, num_kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """qkv (..., (H + 2 KV) * D) (q | k | v, as the fused projection writes them) -> q (..., H, D), k and v
+    (..., KV, D)."""
+    d = qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
+    nq, nk = num_heads * d, num_kv_heads * d
+    lead = qkv.shape[:-1]
+    return (qkv[..., :nq].reshape(*lead, num_heads, d), qkv[..., nq:nq + nk].reshape(*lead, num_kv_heads, d),
+            qkv[..., nq + nk:].reshape(*lead, num_kv_heads, d))
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding, HF's rotate_half convention: x (..., heads, D); cos/sin (..., D) float32 (one row per
+    position, shared by the heads). Computed in float32, rounded once to x's dtype."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
+
+
+def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
                                v_cache: jax.Array, kv_valid: jax.Array, start: jax.Array,
-                               sliding_window: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """XLA: write k_new/v_new (B, KV, D) at cache slot `start`, then attend q (B, H, D) over the cache.
-    Returns (out (B, H, D) in q's dtype, k_cache, v_cache)."""
-    k_cache, v_cache = write_cache(k_cache, v_cache, k_new[:, None], v_new[:, None], start)
+                               sliding_window: int | None = None, *,
+                               num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """XLA: split qkv (B, (H + 2 KV) D), rotate q and k (cos/sin (B, D)), write k/v at cache slot `start`, then
+    attend q over the cache. Returns (out (B, H, D) in qkv's dtype, k_cache, v_cache)."""
+    q, k, v = split_qkv(qkv, num_heads, k_cache.shape[2])
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    k_cache, v_cache = write_cache(k_cache, v_cache, k[:, None], v[:, None], start)
     mask = cache_attention_mask(kv_valid, start, 1, sliding_window)
     out = attention_reference(q[:, None], k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
     return out[:, 0], k_cache, v_cache
@@ -114,6 +140,8 @@ class AttentionConfig:
 @dataclasses.dataclass(frozen=True)
 class _Static:
     s: int  # cache slots
+    nh: int  # query heads
+    kv: int  # key/value heads
     g: int  # query heads per kv head
     rows: int  # g padded to a power of two >= 16
     d: int
@@ -123,22 +151,32 @@ class _Static:
     scale: float
 
 
-def _kernel(start_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, valid_ref, *outs, st: _Static):
+def _kernel(start_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, valid_ref, *outs, st: _Static):
     b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start = start_ref[0]
+    hd = st.d // 2
+    lo, hi = pl.ds(0, hd), pl.ds(hd, hd)
     rows = jax.lax.broadcasted_iota(jnp.int32, (st.rows,), 0)
     row_ok = rows < st.g
-    q = plgpu.load(q_ref.at[b, pl.ds(h * st.g, st.rows), :], mask=row_ok[:, None], other=0)
-    dtype = q.dtype
-    qf = q.astype(jnp.float32) * st.scale
+    dtype = qkv_ref.dtype
+    cos_lo, cos_hi, sin_lo, sin_hi = cos_ref[b, lo], cos_ref[b, hi], sin_ref[b, lo], sin_ref[b, hi]
+
+    def rotary(x_lo, x_hi):  # HF rotate_half: (lo, hi) -> (lo cos - hi sin, hi cos + lo sin), f32, rounded once
+        x_lo, x_hi = x_lo.astype(jnp.float32), x_hi.astype(jnp.float32)
+        return ((x_lo * cos_lo - x_hi * sin_lo).astype(dtype), (x_hi * cos_hi + x_lo * sin_hi).astype(dtype))
+
+    q_rows = pl.ds(h * st.g, st.rows)
+    q_lo, q_hi = rotary(plgpu.load(qkv_ref.at[b, q_rows, lo], mask=row_ok[:, None], other=0),
+                        plgpu.load(qkv_ref.at[b, q_rows, hi], mask=row_ok[:, None], other=0))
+    kn_lo, kn_hi = rotary(qkv_ref[b, st.nh + h, lo], qkv_ref[b, st.nh + h, hi])
+    vn = qkv_ref[b, st.nh + st.kv + h, :]
 
     # the new token (split 0 only; always attended when its slot is valid)
-    kn = kn_ref[b, h, :]
-    vn = vn_ref[b, h, :]
     in_cache = start < st.s  # callers keep start inside the cache; never read or write past it regardless
     own_ok = (valid_ref[b, jnp.minimum(start, st.s - 1)] > 0) & (sp == 0) & in_cache
     own = own_ok.astype(jnp.float32)  # 1.0 / 0.0 (scalar predicates are kept out of `where`: Triton lowering)
-    s_new = jnp.sum(qf * kn.astype(jnp.float32)[None, :], axis=1)
+    s_new = (jnp.sum(q_lo.astype(jnp.float32) * kn_lo.astype(jnp.float32)[None, :], axis=1)
+             + jnp.sum(q_hi.astype(jnp.float32) * kn_hi.astype(jnp.float32)[None, :], axis=1)) * st.scale
     m = own * s_new + (1.0 - own) * _MASKED
     l = own * jnp.ones((st.rows,), jnp.float32)
     acc = own * jnp.broadcast_to(vn.astype(jnp.float32)[None, :], (st.rows, st.d))
@@ -147,6 +185,7 @@ def _kernel(start_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, valid_ref, *outs, 
     j_lo = sp * nblocks // st.splits
     j_hi = (sp + 1) * nblocks // st.splits
     lo_slot = jnp.int32(-1) if st.window is None else start - st.window  # slots > lo_slot
+    qk_dims = (((1,), (1,)), ((), ()))
 
     def body(j, carry):
         m, l, acc = carry
@@ -157,13 +196,15 @@ def _kernel(start_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, valid_ref, *outs, 
         # keys/values are loaded for every slot in range (not only the allowed ones) so the loads do not wait for
         # kv_valid's; a disallowed slot's scores are replaced and its probability is 0 (cache slots hold finite
         # values: zeros or written keys/values)
-        kv_idx = (b, pl.ds(j * st.block_k, st.block_k), h, slice(None))
+        blk = pl.ds(j * st.block_k, st.block_k)
         if st.s % st.block_k:
-            kb = plgpu.load(kc_ref.at[kv_idx], mask=in_range[:, None], other=0)
-            vb = plgpu.load(vc_ref.at[kv_idx], mask=in_range[:, None], other=0)
+            k_lo = plgpu.load(kc_ref.at[b, blk, h, lo], mask=in_range[:, None], other=0)
+            k_hi = plgpu.load(kc_ref.at[b, blk, h, hi], mask=in_range[:, None], other=0)
+            vb = plgpu.load(vc_ref.at[b, blk, h, :], mask=in_range[:, None], other=0)
         else:
-            kb, vb = kc_ref[kv_idx], vc_ref[kv_idx]
-        sc = jax.lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * st.scale
+            k_lo, k_hi, vb = kc_ref[b, blk, h, lo], kc_ref[b, blk, h, hi], vc_ref[b, blk, h, :]
+        sc = (jax.lax.dot_general(q_lo, k_lo, qk_dims, preferred_element_type=jnp.float32)
+              + jax.lax.dot_general(q_hi, k_hi, qk_dims, preferred_element_type=jnp.float32)) * st.scale
         sc = jnp.where(ok[None, :], sc, _MASKED)
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
         p = jnp.where(ok[None, :], jnp.exp(sc - m_new[:, None]), 0.0)
@@ -186,7 +227,8 @@ def _kernel(start_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, valid_ref, *outs, 
 
     @pl.when((sp == 0) & in_cache)
     def _():
-        kco_ref[b, start, h, :] = kn.astype(kco_ref.dtype)
+        kco_ref[b, start, h, lo] = kn_lo.astype(kco_ref.dtype)
+        kco_ref[b, start, h, hi] = kn_hi.astype(kco_ref.dtype)
         vco_ref[b, start, h, :] = vn.astype(vco_ref.dtype)
 
 
@@ -197,33 +239,36 @@ def _splits_for(cfg: AttentionConfig, b: int, kv: int, s: int) -> int:
     return max(1, min(nblocks, -(-cfg.programs // (b * kv))))
 
 
-def decode_attention_pallas(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array,
+def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
                             v_cache: jax.Array, kv_valid: jax.Array, start: jax.Array,
-                            sliding_window: int | None = None, *, config: AttentionConfig = AttentionConfig(),
+                            sliding_window: int | None = None, *, num_heads: int,
+                            config: AttentionConfig = AttentionConfig(),
                             interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The Pallas kernel; arguments and result as `decode_attention_reference` (q, k_new, v_new and the caches
-    in one 16-bit dtype; head_dim a multiple of 16)."""
-    b, nh, d = q.shape
-    _, s, kv, _ = k_cache.shape
+    """The Pallas kernel; arguments and result as `decode_attention_reference` (qkv and the caches in one 16-bit
+    dtype; head_dim a multiple of 32)."""
+    b = qkv.shape[0]
+    _, s, kv, d = k_cache.shape
+    nh = num_heads
     g = nh // kv
     rows = max(16, 1 << (g - 1).bit_length())
     splits = _splits_for(config, b, kv, s)
-    st = _Static(s=s, g=g, rows=rows, d=d, block_k=config.block_k, splits=splits, window=sliding_window,
-                 scale=float(d ** -0.5))
+    st = _Static(s=s, nh=nh, kv=kv, g=g, rows=rows, d=d, block_k=config.block_k, splits=splits,
+                 window=sliding_window, scale=float(d ** -0.5))
     start_arr = jnp.asarray(start, jnp.int32).reshape(1)
     valid = kv_valid.astype(jnp.int32)
-    qk = q
+    heads = qkv.reshape(b, nh + 2 * kv, d)  # free: the row is q | k | v heads of d
+    cos, sin = cos.astype(jnp.float32), sin.astype(jnp.float32)
     if interpret:  # whole blocks for the interpreter (it clamps out-of-range slices instead of masking)
         nblk = -(-s // config.block_k) * config.block_k
-        qk = jnp.pad(q, ((0, 0), (0, (kv - 1) * g + rows - nh), (0, 0)))
+        heads = jnp.pad(heads, ((0, 0), (0, rows), (0, 0)))
         valid = jnp.pad(valid, ((0, 0), (0, nblk - s)))
         pad = ((0, 0), (0, nblk - s), (0, 0), (0, 0))
         k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
     cache_shapes = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                     jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
     if splits == 1:
-        out_rows = qk.shape[1]
-        out_shape = [jax.ShapeDtypeStruct((b, out_rows, d), q.dtype), *cache_shapes]
+        out_rows = nh + (rows if interpret else 0)
+        out_shape = [jax.ShapeDtypeStruct((b, out_rows, d), qkv.dtype), *cache_shapes]
         first_cache_out = 1
     else:
         out_shape = [jax.ShapeDtypeStruct((b, kv, splits, rows, d), jnp.float32),
@@ -238,7 +283,7 @@ def decode_attention_pallas(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_
         compiler_params=None if interpret else compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(start_arr, qk, k_new, v_new, k_cache, v_cache, valid)
+    )(start_arr, heads, cos, sin, k_cache, v_cache, valid)
     k_out, v_out = outs[first_cache_out], outs[first_cache_out + 1]
     if interpret:
         k_out, v_out = k_out[:, :s], v_out[:, :s]
@@ -249,37 +294,43 @@ def decode_attention_pallas(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_
     w = jnp.exp(m - mx)
     den = jnp.sum(w * l, axis=2)
     num = jnp.sum(w[..., None] * acc, axis=2)
-    out = (num / den[..., None])[:, :, :g].astype(q.dtype)  # (B, KV, g, D)
+    out = (num / den[..., None])[:, :, :g].astype(qkv.dtype)  # (B, KV, g, D)
     return out.reshape(b, nh, d), k_out, v_out
 
 
-def decode_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                     kv_valid: jax.Array, start: jax.Array, sliding_window: int | None = None, *,
+def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     kv_valid: jax.Array, start: jax.Array, sliding_window: int | None = None, *, num_heads: int,
                      backend: Literal["pallas", "interpret", "xla"] | None = None,
                      config: AttentionConfig | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decode step's attention: write the new token's k/v at cache slot `start`, attend over the cache.
+    """One decode step's attention: rotate the new token's q and k, write its k/v at cache slot `start`, attend
+    over the cache.
 
-    q (B, H, D) (rotary applied); k_new, v_new (B, KV, D); k_cache, v_cache (B, S, KV, D); kv_valid (B, S) 0/1
-    (slots holding real tokens); start: int32 scalar, the new token's slot (the same for every row).
-    Slot s is attended when s <= start, kv_valid[b, s] and, with a sliding window, s > start - window.
-    Returns (out (B, H, D) in q's dtype, updated k_cache, updated v_cache).
+    qkv (B, (H + 2 KV) D): the new token's q | k | v projections (before rotary; H = num_heads, KV and D from the
+    caches); cos, sin (B, D) float32: the rotary table at each row's position; k_cache, v_cache (B, S, KV, D);
+    kv_valid (B, S) 0/1 (slots holding real tokens); start: int32 scalar, the new token's slot (the same for
+    every row). Slot s is attended when s <= start, kv_valid[b, s] and, with a sliding window, s > start - window.
+    Returns (out (B, H, D) in qkv's dtype, updated k_cache, updated v_cache).
 
-    backend: None picks "pallas" on a GPU when q, the new k/v and the caches share a 16-bit dtype and D is a
-    multiple of 16, "xla" (the reference) otherwise; "interpret" runs the kernel in Pallas' interpreter (tests).
+    backend: None picks "pallas" on a GPU when qkv and the caches share a 16-bit dtype and D is a multiple of 32,
+    "xla" (the reference) otherwise; "interpret" runs the kernel in Pallas' interpreter (tests).
     """
-    if q.ndim != 3 or k_new.ndim != 3 or k_cache.ndim != 4:
-        raise ValueError(f"decode_attention wants q (B, H, D), k_new (B, KV, D), caches (B, S, KV, D); got "
-                         f"{q.shape}, {k_new.shape}, {k_cache.shape}")
-    if q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} kv heads")
-    dtypes = {jnp.dtype(a.dtype) for a in (q, k_new, v_new, k_cache, v_cache)}
-    ok = len(dtypes) == 1 and dtypes.pop() in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)) \
-        and q.shape[-1] % 16 == 0
+    if qkv.ndim != 2 or cos.shape != sin.shape or cos.ndim != 2 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention wants qkv (B, (H + 2 KV) D), cos and sin (B, D), caches (B, S, KV, D); "
+                         f"got {qkv.shape}, {cos.shape}, {sin.shape}, {k_cache.shape}, {v_cache.shape}")
+    b, s, kv, d = k_cache.shape
+    if num_heads % kv:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {kv} kv heads")
+    if qkv.shape != (b, (num_heads + 2 * kv) * d) or cos.shape != (b, d):
+        raise ValueError(f"qkv {qkv.shape} / cos {cos.shape} do not fit {num_heads} query heads and caches "
+                         f"{k_cache.shape}: want qkv {(b, (num_heads + 2 * kv) * d)}, cos {(b, d)}")
+    dtypes = {jnp.dtype(a.dtype) for a in (qkv, k_cache, v_cache)}
+    ok = len(dtypes) == 1 and dtypes.pop() in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)) and d % 32 == 0
     if backend is None:
         backend = "pallas" if jax.default_backend() == "gpu" and ok else "xla"
     if backend not in ("pallas", "interpret", "xla"):
         raise ValueError(f"backend={backend!r}: use 'pallas', 'interpret' or 'xla'")
+    args = (qkv, cos, sin, k_cache, v_cache, kv_valid, start, sliding_window)
     if backend == "xla" or not ok:
-        return decode_attention_reference(q, k_new, v_new, k_cache, v_cache, kv_valid, start, sliding_window)
-    return decode_attention_pallas(q, k_new, v_new, k_cache, v_cache, kv_valid, start, sliding_window,
-                                   config=config or AttentionConfig(), interpret=backend == "interpret")
+        return decode_attention_reference(*args, num_heads=num_heads)
+    return decode_attention_pallas(*args, num_heads=num_heads, config=config or AttentionConfig(),
+                                   interpret=backend == "interpret")

@@ -1,5 +1,6 @@
 """Decode attention (pallas_kernels/attention.py): the Pallas kernel (interpreter on CPU, compiled on a GPU) and the
-XLA reference against a float64 NumPy computation; the cache write; bad input."""
+XLA reference against a float64 NumPy computation (q | k | v split, rotary, cache write, masked softmax); the cache
+write; bad input."""
 
 from __future__ import annotations
 
@@ -13,13 +14,23 @@ from pallas_kernels.attention import AttentionConfig, decode_attention
 BACKEND = "pallas" if jax.default_backend() == "gpu" else "interpret"
 
 
-def numpy_decode(q, kn, vn, kc, vc, valid, start, window):
-    """float64: write the new k/v at slot `start`, then softmax attention over the allowed slots."""
-    q, kn, vn, kc, vc = (np.asarray(a, np.float64) for a in (q, kn, vn, kc, vc))
+def numpy_rotary(x, cos, sin):
+    """float64 rotate_half rotary: x (B, heads, D), cos/sin (B, D)."""
+    half = x.shape[-1] // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+def numpy_decode(qkv, cos, sin, kc, vc, valid, start, window, nh):
+    """float64: split q | k | v, rotate q and k, write the new k/v at slot `start`, then softmax attention over the
+    allowed slots. Returns (out, k cache, v cache, rotated new k)."""
+    qkv, cos, sin, kc, vc = (np.asarray(a, np.float64) for a in (qkv, cos, sin, kc, vc))
+    b, s, kv, d = kc.shape
+    q = numpy_rotary(qkv[:, :nh * d].reshape(b, nh, d), cos, sin)
+    kn = numpy_rotary(qkv[:, nh * d:(nh + kv) * d].reshape(b, kv, d), cos, sin)
+    vn = qkv[:, (nh + kv) * d:].reshape(b, kv, d)
     kc, vc = kc.copy(), vc.copy()
     kc[:, start], vc[:, start] = kn, vn
-    b, nh, d = q.shape
-    s, kv = kc.shape[1], kc.shape[2]
     g = nh // kv
     slots = np.arange(s)
     out = np.zeros((b, nh, d))
@@ -36,15 +47,22 @@ def numpy_decode(q, kn, vn, kc, vc, valid, start, window):
 
 
 def make_case(seed, b, nh, kv, d, s, start, dtype, pads):
+    """qkv (B, (nh + 2 kv) d), cos/sin (B, d) float32 at random positions (HF layout cat(freqs, freqs)), caches,
+    kv_valid with left padding."""
     rng = np.random.default_rng(seed)
-    q = rng.standard_normal((b, nh, d)) * 2
-    kn, vn = rng.standard_normal((2, b, kv, d))
+    qkv = rng.standard_normal((b, (nh + 2 * kv) * d))
+    qkv[:, :nh * d] *= 2
     kc, vc = rng.standard_normal((2, b, s, kv, d))
+    inv_freq = 10000.0 ** (-np.arange(0, d, 2) / d)
+    pos = rng.integers(0, 4096, b)
+    freqs = pos[:, None] * inv_freq[None, :]
+    emb = np.concatenate([freqs, freqs], axis=-1)
     valid = np.ones((b, s), np.int32)
     for bi, p in enumerate(pads):  # left padding
         valid[bi, :p] = 0
     cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
-    return cast(q), cast(kn), cast(vn), cast(kc), cast(vc), jnp.asarray(valid)
+    return (cast(qkv), jnp.asarray(np.cos(emb), jnp.float32), jnp.asarray(np.sin(emb), jnp.float32), cast(kc),
+            cast(vc), jnp.asarray(valid))
 
 
 CASES = [
@@ -64,50 +82,61 @@ CASES = [
 @pytest.mark.parametrize("backend", [BACKEND, "xla"])
 def test_decode_attention_matches_float64(case, backend):
     b, nh, kv, d, s, start, window, splits, dtype, pads = case
-    q, kn, vn, kc, vc, valid = make_case(0, b, nh, kv, d, s, start, dtype, pads)
-    ref, kref, vref = numpy_decode(q, kn, vn, kc, vc, valid, start, window)
+    qkv, cos, sin, kc, vc, valid = make_case(0, b, nh, kv, d, s, start, dtype, pads)
+    ref, kref, vref = numpy_decode(qkv, cos, sin, kc, vc, valid, start, window, nh)
     out, k2, v2 = jax.jit(
-        lambda *a: decode_attention(*a, jnp.int32(start), window, backend=backend,
+        lambda *a: decode_attention(*a, jnp.int32(start), window, num_heads=nh, backend=backend,
                                     config=AttentionConfig(block_k=32, splits=splits))
-    )(q, kn, vn, jnp.array(kc, copy=True), jnp.array(vc, copy=True), valid)
-    assert out.shape == (b, nh, d) and out.dtype == q.dtype
+    )(qkv, cos, sin, jnp.array(kc, copy=True), jnp.array(vc, copy=True), valid)
+    assert out.shape == (b, nh, d) and out.dtype == qkv.dtype
     o = np.asarray(out, np.float64)
     assert np.isfinite(o).all()
     tol = 1e-2 if dtype == jnp.float16 else 3e-2
     err = np.abs(o - ref).max() / np.abs(ref).max()
     assert err < tol, err
-    # the cache: the new k/v at slot `start`, every other slot unchanged (bit for bit)
-    np.testing.assert_array_equal(np.asarray(k2, np.float64), kref.astype(np.asarray(kc).dtype).astype(np.float64))
-    np.testing.assert_array_equal(np.asarray(v2, np.float64), vref.astype(np.asarray(vc).dtype).astype(np.float64))
+    # the cache: every slot but `start` unchanged (bit for bit), v at `start` exact, the rotated k at `start`
+    # within the dtype's rounding
+    k2, v2 = np.asarray(k2, np.float64), np.asarray(v2, np.float64)
+    other = np.arange(s) != start
+    np.testing.assert_array_equal(k2[:, other], np.asarray(kc, np.float64)[:, other])
+    np.testing.assert_array_equal(v2[:, other], np.asarray(vc, np.float64)[:, other])
+    np.testing.assert_array_equal(v2[:, start], vref[:, start].astype(np.asarray(vc).dtype).astype(np.float64))
+    ulp = 2.0 ** -10 if dtype == jnp.float16 else 2.0 ** -7
+    np.testing.assert_allclose(k2[:, start], kref[:, start], rtol=2 * ulp, atol=2 * ulp)
 
 
 def test_kernel_matches_reference_closely():
-    """Kernel vs XLA reference on the same fp16 inputs: the online softmax differs only in rounding."""
-    q, kn, vn, kc, vc, valid = make_case(1, 2, 8, 2, 64, 96, 57, jnp.float16, (0, 11))
-    kw = dict(config=AttentionConfig(block_k=32, splits=2))
-    a = decode_attention(q, kn, vn, kc, vc, valid, jnp.int32(57), backend=BACKEND, **kw)[0]
-    r = decode_attention(q, kn, vn, kc, vc, valid, jnp.int32(57), backend="xla")[0]
+    """Kernel vs XLA reference on the same fp16 inputs: the online softmax differs only in rounding, and both
+    write the same rotated key (rounded once from float32) into the cache."""
+    qkv, cos, sin, kc, vc, valid = make_case(1, 2, 8, 2, 64, 96, 57, jnp.float16, (0, 11))
+    kw = dict(num_heads=8, config=AttentionConfig(block_k=32, splits=2))
+    a, ka, _ = decode_attention(qkv, cos, sin, kc, vc, valid, jnp.int32(57), backend=BACKEND, **kw)
+    r, kr, _ = decode_attention(qkv, cos, sin, kc, vc, valid, jnp.int32(57), backend="xla", num_heads=8)
     diff = np.abs(np.asarray(a, np.float32) - np.asarray(r, np.float32)).max()
     assert diff < 4e-3 * np.abs(np.asarray(r, np.float32)).max(), diff
+    kd = np.abs(np.asarray(ka, np.float32) - np.asarray(kr, np.float32))
+    assert (kd <= 2.0 ** -10 * np.abs(np.asarray(kr, np.float32)) + 1e-6).all(), kd.max()
 
 
 def test_auto_backend_on_cpu_is_the_reference():
-    q, kn, vn, kc, vc, valid = make_case(2, 1, 4, 2, 32, 20, 5, jnp.float32, (0,))
-    out = decode_attention(q, kn, vn, kc, vc, valid, jnp.int32(5))[0]  # float32: reference on every platform
-    ref = numpy_decode(q, kn, vn, kc, vc, valid, 5, None)[0]
+    qkv, cos, sin, kc, vc, valid = make_case(2, 1, 4, 2, 32, 20, 5, jnp.float32, (0,))
+    out = decode_attention(qkv, cos, sin, kc, vc, valid, jnp.int32(5), num_heads=4)[0]  # float32: reference
+    ref = numpy_decode(qkv, cos, sin, kc, vc, valid, 5, None, 4)[0]
     tol = 1e-4 if jax.default_backend() == "cpu" else 1e-2  # XLA:GPU's float32 dots use TF32 by default
     np.testing.assert_allclose(np.asarray(out), ref, rtol=tol, atol=tol / 10)
 
 
 def test_bad_input():
-    q, kn, vn, kc, vc, valid = make_case(3, 1, 6, 4, 16, 8, 2, jnp.float16, (0,))
+    qkv, cos, sin, kc, vc, valid = make_case(3, 1, 6, 4, 32, 8, 2, jnp.float16, (0,))
     with pytest.raises(ValueError, match="not a multiple"):
-        decode_attention(q, kn, vn, kc, vc, valid, jnp.int32(2))
-    with pytest.raises(ValueError, match="wants q"):
-        decode_attention(q[:, None], kn, vn, kc, vc, valid, jnp.int32(2))
-    q, kn, vn, kc, vc, valid = make_case(3, 1, 4, 4, 16, 8, 2, jnp.float16, (0,))
+        decode_attention(qkv, cos, sin, kc, vc, valid, jnp.int32(2), num_heads=6)
+    qkv, cos, sin, kc, vc, valid = make_case(3, 1, 4, 4, 32, 8, 2, jnp.float16, (0,))
+    with pytest.raises(ValueError, match="wants qkv"):
+        decode_attention(qkv[:, None], cos, sin, kc, vc, valid, jnp.int32(2), num_heads=4)
+    with pytest.raises(ValueError, match="do not fit"):
+        decode_attention(qkv, cos, sin, kc, vc, valid, jnp.int32(2), num_heads=8)
     with pytest.raises(ValueError, match="backend"):
-        decode_attention(q, kn, vn, kc, vc, valid, jnp.int32(2), backend="cuda")
+        decode_attention(qkv, cos, sin, kc, vc, valid, jnp.int32(2), num_heads=4, backend="cuda")
 
 
 @pytest.mark.parametrize("splits", [1, None])
@@ -115,11 +144,11 @@ def test_kernel_lowers_for_cuda(splits):
     """The Triton lowering (done by JAX itself, no GPU needed) accepts the kernel: catches lowering errors on CPU."""
     from pallas_kernels.attention import decode_attention_pallas
 
-    q = jax.ShapeDtypeStruct((2, 9, 64), jnp.float16)
-    kn = jax.ShapeDtypeStruct((2, 3, 64), jnp.float16)
+    qkv = jax.ShapeDtypeStruct((2, (9 + 6) * 64), jnp.float16)
+    cos = jax.ShapeDtypeStruct((2, 64), jnp.float32)
     kc = jax.ShapeDtypeStruct((2, 100, 3, 64), jnp.float16)
     valid = jax.ShapeDtypeStruct((2, 100), jnp.int32)
-    f = jax.jit(lambda q, kn, vn, kc, vc, valid: decode_attention_pallas(
-        q, kn, vn, kc, vc, valid, jnp.int32(7), 16, config=AttentionConfig(splits=splits)))
-    text = f.trace(q, kn, kn, kc, kc, valid).lower(lowering_platforms=("cuda",)).as_text()
+    f = jax.jit(lambda qkv, cos, sin, kc, vc, valid: decode_attention_pallas(
+        qkv, cos, sin, kc, vc, valid, jnp.int32(7), 16, num_heads=9, config=AttentionConfig(splits=splits)))
+    text = f.trace(qkv, cos, cos, kc, kc, valid).lower(lowering_platforms=("cuda",)).as_text()
     assert "decode_attention" in text

@@ -42,7 +42,8 @@ from jax.typing import DTypeLike
 
 from gptq_jax.models.config import SLIDING_ATTENTION, ModelConfig, rope_frequencies
 from gptq_jax.models.linear import Linear, LinearLike
-from pallas_kernels.attention import attention_reference, cache_attention_mask, decode_attention, write_cache
+from pallas_kernels.attention import (apply_rotary, attention_reference, cache_attention_mask, decode_attention,
+                                      split_qkv, write_cache)
 
 
 class StateDictError(ValueError):
@@ -104,18 +105,6 @@ def rotary_cos_sin(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array
     return jnp.cos(emb) * scale, jnp.sin(emb) * scale
 
 
-def _rotate_half(x: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
-def _apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x (B, T, heads, D); cos/sin (B, T, D) float32, cast to x's dtype as HF does."""
-    cos = cos[:, :, None, :].astype(x.dtype)
-    sin = sin[:, :, None, :].astype(x.dtype)
-    return x * cos + _rotate_half(x) * sin
-
-
 def attention_mask_4d(attention_mask: jax.Array | None, batch: int, seq_len: int,
                       sliding_window: int | None = None) -> jax.Array:
     """Boolean (B, 1, T, T) mask, True where query t may attend key s: causal, key not padding, and inside the
@@ -174,20 +163,16 @@ class LlamaAttention(nnx.Module):
         out = attention_reference(q, k, v, mask)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
+    def _projections(self, x: jax.Array) -> jax.Array:
+        """x (B, T, hidden) -> q | k | v projections (B, T, (heads + 2 kv_heads) * D), before rotary."""
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x)
+        return jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+
     def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Projections + rotary: q (B, T, heads, D), k and v (B, T, kv_heads, D) in the compute dtype."""
-        b, t, _ = x.shape
-        kv, d = self.num_kv_heads, self.head_dim
-        if self.qkv_proj is not None:
-            nq, nk = self.num_heads * d, kv * d
-            y = self.qkv_proj(x)
-            q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(b, t, self.num_heads, d)
-        k = k.reshape(b, t, kv, d)
-        v = v.reshape(b, t, kv, d)
-        return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin), v
+        q, k, v = split_qkv(self._projections(x), self.num_heads, self.num_kv_heads)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def cached(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_valid: jax.Array, cache: LayerCache,
                start: jax.Array, sliding_window: int | None = None) -> tuple[jax.Array, LayerCache]:
@@ -202,13 +187,13 @@ class LlamaAttention(nnx.Module):
         Returns (output (B, T, hidden), updated cache).
         """
         b, t, _ = x.shape
-        q, k, v = self._qkv(x, cos, sin)
         k_cache, v_cache = cache
         if t == 1:
-            out, k_cache, v_cache = decode_attention(q[:, 0], k[:, 0].astype(k_cache.dtype),
-                                                     v[:, 0].astype(v_cache.dtype), k_cache, v_cache, kv_valid,
-                                                     start, sliding_window)
+            out, k_cache, v_cache = decode_attention(self._projections(x)[:, 0], cos[:, 0], sin[:, 0], k_cache,
+                                                     v_cache, kv_valid, start, sliding_window,
+                                                     num_heads=self.num_heads)
             return self.o_proj(out.reshape(b, 1, self.num_heads * self.head_dim)), (k_cache, v_cache)
+        q, k, v = self._qkv(x, cos, sin)
         k_cache, v_cache = write_cache(k_cache, v_cache, k, v, start)
         mask = cache_attention_mask(kv_valid, start, t, sliding_window)
         out = self._attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), mask)
