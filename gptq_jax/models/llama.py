@@ -23,8 +23,9 @@ Running one decoder layer alone (the GPTQ pipeline does)::
 Incremental decoding (gptq_jax/generate.py): `LlamaForCausalLM.hidden_states_cached` runs T new tokens through a
 preallocated per-layer KV cache ((k, v), each (B, S, kv_heads, head_dim)), writing them at cache slots
 start..start+T-1 and attending over the slots `kv_valid` marks (causal in slot order, sliding window in slot order
-as transformers). A single new token (decode) goes through `pallas_kernels.attention.decode_attention` (on GPUs one
-Pallas kernel that also writes the cache; the XLA reference elsewhere). The no-cache path is untouched.
+as transformers). A single new token (decode) goes through `pallas_kernels.attention.decode_attention` with its q | k | v
+projection row (on GPUs one Pallas kernel that also applies the rotary embedding and writes the cache; the XLA
+reference elsewhere). The no-cache path is untouched.
 
 Jit: the model is an NNX module; use ``nnx.jit`` or `jit_forward` (nnx.split once + jax.jit); shapes and the
 config are static, so each (B, T) shape compiles once.
@@ -183,7 +184,7 @@ class LlamaAttention(nnx.Module):
         token (the same for every row: left padding keeps the rows aligned). The new k/v are written at slots
         start..start+T-1, then the queries attend over the cache (`cache_attention_mask`: causal in slot order,
         kv_valid, sliding window). One new token (decode) goes through `decode_attention` (GPU: one Pallas kernel
-        that also writes the cache); several (prefill) through `write_cache` + `attention_reference`.
+        that also rotates q/k and writes the cache); several (prefill) through `write_cache` + `attention_reference`.
         Returns (output (B, T, hidden), updated cache).
         """
         b, t, _ = x.shape
