@@ -243,11 +243,19 @@ def variants_for(k, n, m):
         for bn, w, u, pf, prog in [(128, 4, 2, False, 528), (128, 4, 1, True, 528)]:
             v.append(("dot", KC(block_m=16, block_n=bn, num_warps=w, convert="magic16", steps_per_iter=u,
                                 prefetch=pf, split_k=prog)))
+        for bn, w, cv, u, prog in [(128, 4, "magic16", 2, 528), (128, 4, "asm", 1, 528), (128, 8, "magic16", 1, 528),
+                                   (64, 4, "magic16", 1, 1056), (256, 8, "magic16", 1, 528)]:
+            v.append(("dot", KC(block_m=16, block_n=bn, num_warps=w, convert=cv, steps_per_iter=u, split_k=prog,
+                                swap_ab=True)))
     if 16 < m <= 64:
         for bm, bn, w, cv, pf, prog in [(64, 128, 4, "asm", False, 264), (64, 128, 4, "asm", True, 264),
                                         (64, 128, 4, "magic16", True, 264), (64, 64, 4, "magic16", True, 528),
                                         (32, 128, 4, "magic16", True, 528), (64, 128, 8, "magic16", True, 528)]:
             v.append(("dot", KC(block_m=bm, block_n=bn, num_warps=w, convert=cv, prefetch=pf, split_k=prog)))
+        for bm, bn, w, cv, prog in [(64, 128, 4, "magic16", 264), (32, 128, 4, "magic16", 528),
+                                    (64, 128, 8, "asm", 264)]:
+            v.append(("dot", KC(block_m=bm, block_n=bn, num_warps=w, convert=cv, prefetch=True, split_k=prog,
+                                swap_ab=True)))
         v.append(("deq+dot", None))
     if 64 < m <= 256:
         for bm, bn, w, pf in [(64, 128, 4, False), (64, 128, 4, True), (128, 128, 8, True), (64, 256, 8, True)]:
@@ -305,7 +313,8 @@ def sweep(args):
                         fn = kernel_fn(cfg)
                         err, nan = check_correct(w, cfg, m)
                         desc = (f"{cfg.mode} {cfg.convert} bm={cfg.block_m} bn={cfg.block_n} w={cfg.num_warps} "
-                                f"U={cfg.steps_per_iter} pf={int(cfg.prefetch)} S={cfg.split_k}")
+                                f"U={cfg.steps_per_iter} pf={int(cfg.prefetch)} S={cfg.split_k}"
+                                f"{' swap' if cfg.swap_ab else ''}")
                     t = jax_time(fn, wq, xs, reps)
                 except Exception as e:  # report and continue the sweep
                     print(f"  {label} {cfg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)

@@ -67,6 +67,8 @@ class KernelConfig:
     evict_first: stream the weight with the evict-first cache policy (it is read once).
     prefetch: issue the next step's loads (weight tile and x) before this step's arithmetic (register double
       buffer; steps_per_iter is then ignored).
+    swap_ab: "dot" only: compute the transposed product, W tile^T (BN, K) x x^T (K, BM), so the dequantized
+      weight is the dot's first operand (which Hopper's wgmma can take from registers) and x the second.
     """
 
     mode: Literal["dot", "fma"] = "dot"
@@ -79,6 +81,7 @@ class KernelConfig:
     steps_per_iter: int = 1
     evict_first: bool = True
     prefetch: bool = False
+    swap_ab: bool = False
 
     def __post_init__(self):
         if self.mode not in ("dot", "fma"):
@@ -560,20 +563,28 @@ def _kernel(*refs, st: _Static):
             tiles, xsub = loaded
             fields = _asm_fields(tiles[0][0], bits, x_ref.dtype) if use_asm else None
             for g, js in _groups_in_step(st, t):
-                p = jnp.zeros((bm, bn), jnp.float32)
+                p = jnp.zeros((bn, bm) if cfg.swap_ab else (bm, bn), jnp.float32)
                 xs = jnp.zeros((bm,), jnp.float32)
                 for j in js:
                     xj = xsub[j]
                     cj = fields[j] if use_asm else _code_dot(st, tiles, j, xj.dtype)
-                    p = p + jnp.dot(xj, cj, preferred_element_type=jnp.float32)
+                    if cfg.swap_ab:  # (SUB, BN)^T x (BM, SUB)^T -> (BN, BM)
+                        p = p + jax.lax.dot_general(cj, xj, (((0,), (1,)), ((), ())),
+                                                    preferred_element_type=jnp.float32)
+                    else:
+                        p = p + jnp.dot(xj, cj, preferred_element_type=jnp.float32)
                     xs = xs + jnp.sum(xj.astype(jnp.float32), axis=1)
                 s, z = load_scale_zero(g)
-                zx = xs[:, None] * (z[None, :] if st.has_zeros else z)
-                acc = acc + s[None, :] * (p - zx)
+                if cfg.swap_ab:
+                    zx = (z[:, None] if st.has_zeros else z) * xs[None, :]
+                    acc = acc + s[:, None] * (p - zx)
+                else:
+                    zx = xs[:, None] * (z[None, :] if st.has_zeros else z)
+                    acc = acc + s[None, :] * (p - zx)
             return acc
 
-        acc = run_steps(load_step, body, jnp.zeros((bm, bn), jnp.float32))
-        out_rows = [(acc, None)]
+        acc = run_steps(load_step, body, jnp.zeros((bn, bm) if cfg.swap_ab else (bm, bn), jnp.float32))
+        out_rows = [(acc.T if cfg.swap_ab else acc, None)]
     else:
         # fma: one (SUB, BN) fp32 accumulator per row; the per-row-position factorisation
         #   acc[r, n] += s[n] * (sum_j x[j*SUB + r] q[j*SUB + r, n] - z[n] * sum_j x[j*SUB + r])

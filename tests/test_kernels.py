@@ -122,8 +122,9 @@ KERNEL_CONFIGS = [
     ("fma-pos", KernelConfig(mode="fma", block_m=1, convert="pos", split_k=3, prefetch=True)),
     ("dot-magic", KernelConfig(mode="dot", block_m=16, block_n=64, convert="magic", split_k=2, prefetch=True)),
     ("fma-shift", KernelConfig(mode="fma", block_m=4, convert="shift", block_n=32)),
-    # "asm" is inline PTX on a GPU; the interpreter runs its jnp equivalent (magic16 for fp16, magic for bf16)
-    ("dot-asm", KernelConfig(mode="dot", block_m=16, block_n=128, convert="asm", steps_per_iter=2)),
+    # "asm" is inline PTX on a GPU; the interpreter runs its jnp equivalent (magic16 for fp16, magic for bf16); swapped
+    # product (dequantized weight as the first dot operand), as the dispatcher runs M = 3..16
+    ("dot-asm", KernelConfig(mode="dot", block_m=16, block_n=128, convert="asm", steps_per_iter=2, swap_ab=True)),
     ("dot-cvt", KernelConfig(mode="dot", block_m=32, block_n=32, convert="cvt", split_k=4)),
     # "h2" is inline PTX on a GPU; the interpreter runs its jnp twin (same lanes, groups and fp16/bf16 roundings)
     ("fma-h2", KernelConfig(mode="fma", block_m=1, block_n=64, convert="h2", split_k=2)),
