@@ -123,14 +123,13 @@ def main(argv=None) -> int:
     rows = []
     for name in args.configs.split(","):
         config = gen.random_config(name)
-        variants = [(None, False), (args.bits, False)] + ([(None, True), (args.bits, True)] if args.fused else [])
-        if args.variants:
-            known = {"fp16": (None, False), "gptq": (args.bits, False), "fp16+fused": (None, True),
-                     "gptq+fused": (args.bits, True)}
-            bad = [v for v in args.variants.split(",") if v not in known]
-            if bad:
-                ap.error(f"--variants: unknown {bad}; choose from {sorted(known)}")
-            variants = [known[v] for v in args.variants.split(",")]
+        known = {"fp16": (None, False), "gptq": (args.bits, False), "fp16+fused": (None, True),
+                 "gptq+fused": (args.bits, True)}
+        names = args.variants.split(",") if args.variants else list(known)[:4 if args.fused else 2]
+        bad = [v for v in names if v not in known]
+        if bad:
+            ap.error(f"--variants: unknown {bad}; choose from {sorted(known)}")
+        variants = [known[v] for v in names]
         for bits, fused in variants:
             t0 = time.perf_counter()
             model = gen.random_model(config, dtype=jnp.float16, bits=bits, group_size=GROUPS[name])

@@ -94,6 +94,8 @@ class KernelConfig:
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+        if self.swap_ab and self.mode != "dot":
+            raise ValueError("swap_ab is for dot mode only")
         if self.steps_per_iter < 1:
             raise ValueError(f"steps_per_iter must be >= 1, got {self.steps_per_iter}")
         ok = ("cvt", "magic", "magic16", "asm") if self.mode == "dot" else ("shift", "pos", "h2")
