@@ -131,7 +131,7 @@ def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k
 class AttentionConfig:
     """block_k: cache slots per loop step (power of two >= 16); splits: programs per (row, kv head) over the
     slots (None: enough for about `programs` programs in all); num_warps, num_stages: Triton parameters;
-    combine_in_kernel: with splits > 1, the last program of each (row, kv head) to finish combines the splits'
+    combine_in_kernel: with 2..8 splits, the last program of each (row, kv head) to finish combines the splits'
     partial results (a completion counter, as the GPTQ kernel's in-kernel split-K reduction) instead of an XLA
     kernel doing it."""
 
@@ -246,6 +246,9 @@ def _kernel(start_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, valid_ref, *ou
         vco_ref[b, start, h, :] = vn.astype(vco_ref.dtype)
 
 
+_MAX_COMBINE_SPLITS = 8  # the in-kernel combine holds every split's (rows, D) partial at once; more: XLA combines
+
+
 def _combine_last(st: _Static, cnt_ref, acc_ref, m_ref, l_ref, o_ref, b, h, row_ok) -> None:
     """The last of the `splits` programs of (row b, kv head h) to finish combines their (m, l, acc):
     out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i, M = max_i m_i (as the XLA combine). A per-(b, h)
@@ -255,22 +258,19 @@ def _combine_last(st: _Static, cnt_ref, acc_ref, m_ref, l_ref, o_ref, b, h, row_
         plgpu.debug_barrier()
     tid = b * st.kv + h
     old = plgpu.atomic_add(cnt_ref, tid, jnp.int32(1))
-    kw = {} if st.interpret else {"volatile": True}
 
     @pl.when(old == st.splits - 1)
     def _():
         plgpu.atomic_add(cnt_ref, tid, jnp.int32(-st.splits))
-        mx = jax.lax.fori_loop(0, st.splits, lambda i, a: jnp.maximum(a, plgpu.load(m_ref.at[b, h, i, :], **kw)),
-                               jnp.full((st.rows,), _MASKED, jnp.float32))
-
-        def add(i, carry):
-            den, num = carry
-            w = jnp.exp(plgpu.load(m_ref.at[b, h, i, :], **kw) - mx)
-            return (den + w * plgpu.load(l_ref.at[b, h, i, :], **kw),
-                    num + w[:, None] * plgpu.load(acc_ref.at[b, h, i, :, :], **kw))
-
-        den, num = jax.lax.fori_loop(0, st.splits, add, (jnp.zeros((st.rows,), jnp.float32),
-                                                         jnp.zeros((st.rows, st.d), jnp.float32)))
+        # every split's loads are independent (unrolled; plain loads: the counter's acquire orders the other
+        # programs' stores before them), shapes (1, rows[, D]) so no register slicing is needed
+        ms = [plgpu.load(m_ref.at[b, h, pl.ds(i, 1), :]) for i in range(st.splits)]
+        ls = [plgpu.load(l_ref.at[b, h, pl.ds(i, 1), :]) for i in range(st.splits)]
+        accs = [plgpu.load(acc_ref.at[b, h, pl.ds(i, 1), :, :]) for i in range(st.splits)]
+        mx = functools.reduce(jnp.maximum, ms)
+        ws = [jnp.exp(m - mx) for m in ms]
+        den = jnp.sum(functools.reduce(jnp.add, [w * l for w, l in zip(ws, ls)]), axis=0)
+        num = jnp.sum(functools.reduce(jnp.add, [w[:, :, None] * a for w, a in zip(ws, accs)]), axis=0)
         out = (num / den[:, None]).astype(o_ref.dtype)
         plgpu.store(o_ref.at[b, pl.ds(h * st.g, st.rows), :], out, mask=row_ok[:, None])
 
@@ -295,7 +295,7 @@ def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_ca
     g = nh // kv
     rows = max(16, 1 << (g - 1).bit_length())
     splits = _splits_for(config, b, kv, s)
-    combine = config.combine_in_kernel and splits > 1
+    combine = config.combine_in_kernel and 1 < splits <= _MAX_COMBINE_SPLITS
     st = _Static(s=s, nh=nh, kv=kv, g=g, rows=rows, d=d, block_k=config.block_k, splits=splits,
                  window=sliding_window, scale=float(d ** -0.5), combine=combine, interpret=interpret)
     start_arr = jnp.asarray(start, jnp.int32).reshape(1)

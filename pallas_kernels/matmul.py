@@ -29,7 +29,7 @@ kernels around each matmul are folded into it:
 
 * reduce: each program still writes its fp32 partial tile, then (after a CTA barrier) increments the tile's
   completion counter atomically (acquire-release, GPU scope); the program that sees S - 1 is the last one, resets
-  the counter and sums the S partials from L2 (volatile loads skip L1), adds the bias and writes the tile. The
+  the counter and sums the S partials (from L2; wide loads, all issued at once), adds the bias and writes the tile. The
   counters are a constant zero buffer passed as an input that every call leaves zero again, so they need no
   state and no memset; it assumes, as XLA's GPU executables do, that kernels sharing it run one after another.
 * norm=(weight, sumsq, eps): x is the residual stream h; the program forms rsqrt(sum(sumsq) / K + eps) from the
@@ -756,6 +756,12 @@ def _kernel(*refs, st: _Static):
         _finish_tile(st, o_ref, b_ref, r_ref, cnt_ref, fin_refs, pid_n, pid_m)
 
 
+def _sum_chunk(splits: int, rows: int, bn: int) -> int:
+    """Partials per load in the in-kernel reduction: a power of two, at most 2048 fp32 values per load (16
+    registers a thread at 4 warps), at most the next power of two of `splits`."""
+    return max(1, min(1 << (splits - 1).bit_length(), 2048 // (rows * bn)))
+
+
 def _finish_tile(st: _Static, part_ref, b_ref, r_ref, cnt_ref, fin_refs, pid_n, pid_m) -> None:
     """In-kernel split-K reduction: the last program to finish an output tile sums the tile's S fp32 partials
     (from L2) and applies the epilogue; the others return.
@@ -779,16 +785,21 @@ def _finish_tile(st: _Static, part_ref, b_ref, r_ref, cnt_ref, fin_refs, pid_n, 
     rb = bm  # a power of two (the wrapper rounds fma tiles up when reducing)
     rows = m0 + jax.lax.broadcasted_iota(jnp.int32, (rb,), 0)
     rmask = rows < st.m
-    load_kw = {} if st.interpret else {"volatile": True}  # straight from L2 (ld.volatile skips L1)
+    chunk = _sum_chunk(st.splits, rb, bn)
 
     def tile_sum(c0):
+        """Sum of the tile's S partials (+ bias): loads of `chunk` partials at a time, all issued up front (the
+        loop is unrolled; plain loads: only this program reads the partials, and the counter's acquire orders the
+        other programs' stores before them)."""
         cols = c0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
         mask = rmask[:, None] & (cols < st.n)[None, :]
-
-        def add(s, acc):
-            return acc + plgpu.load(part_ref.at[s, pl.ds(m0, rb), pl.ds(c0, bn)], mask=mask, other=0.0, **load_kw)
-
-        tot = jax.lax.fori_loop(0, st.splits, add, jnp.zeros((rb, bn), jnp.float32))
+        sums = []
+        for s0 in range(0, st.splits, chunk):
+            sm = (s0 + jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)) < st.splits
+            v = plgpu.load(part_ref.at[pl.ds(s0, chunk), pl.ds(m0, rb), pl.ds(c0, bn)],
+                           mask=sm[:, None, None] & mask[None], other=0.0)
+            sums.append(jnp.sum(v, axis=0))
+        tot = functools.reduce(jnp.add, sums)
         if st.has_bias:
             tot = tot + plgpu.load(b_ref.at[pl.ds(c0, bn)], mask=cols < st.n, other=0).astype(jnp.float32)[None, :]
         return tot, mask
@@ -972,7 +983,11 @@ def gptq_matmul(
     if reduce:
         # per-tile completion counters: zero before and after every call (the last program resets its own)
         args.append(jnp.asarray(np.zeros(n_tiles * m_tiles, np.int32)))
-    main = jax.ShapeDtypeStruct((splits, out_m, out_n) if partial else (out_m, out_n),
+    s_rows = splits  # the in-kernel reduction loads whole chunks of partials: room for the last one
+    if reduce:
+        chunk = _sum_chunk(splits, bm, cfg.block_n)
+        s_rows = -(-splits // chunk) * chunk
+    main = jax.ShapeDtypeStruct((s_rows, out_m, out_n) if partial else (out_m, out_n),
                                 jnp.float32 if partial else out_dtype)
     fin: list[jax.ShapeDtypeStruct] = []
     if reduce:

@@ -155,6 +155,21 @@ def test_fused_argument_errors():
         G.gptq_matmul(x, w96, epilogue="silu_mul", **kw)
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("epilogue", ["none", "residual", "silu_mul"])
+def test_fused_kernel_lowers_for_cuda(m, epilogue):
+    """The Triton lowering (JAX's own, no GPU needed) accepts every folded variant with the dispatcher's configs
+    (M = 1: packed-half2 inline PTX; 3: fma rows rounded up to 4; 8: swapped dot): one custom call, no XLA
+    kernel around it."""
+    w, _, _ = _layer(1536, 512, 128, False, False)  # (act-order adds XLA's gather of x)
+    x = jax.ShapeDtypeStruct((m, 1536), jnp.float16)
+    args = dict(norm=(jnp.ones(1536, jnp.float16), jnp.ones((m, 4), jnp.float32), 1e-5), epilogue=epilogue,
+                residual=jnp.zeros((m, 512), jnp.float16) if epilogue == "residual" else None)
+    f = jax.jit(lambda x, w: D.gptq_linear_fused(x, w, backend="pallas", **args))
+    text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call") == 1 and "stablehlo.reduce" not in text, text[:2000]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # dispatcher: one function, every backend
 
