@@ -29,9 +29,10 @@ kernels around each matmul are folded into it:
 
 * reduce: each program still writes its fp32 partial tile, then (after a CTA barrier) increments the tile's
   completion counter atomically (acquire-release, GPU scope); the program that sees S - 1 is the last one, resets
-  the counter and sums the S partials (from L2; wide loads, all issued at once), adds the bias and writes the tile. The
-  counters are a constant zero buffer passed as an input that every call leaves zero again, so they need no
-  state and no memset; it assumes, as XLA's GPU executables do, that kernels sharing it run one after another.
+  the counter and sums the S partials (from L2; wide loads, all issued at once), adds the bias and writes the
+  tile. The counters are a constant zero buffer passed as an input that every call leaves zero again, so they
+  need no state and no memset; it assumes, as XLA's GPU executables do, that kernels sharing it run one after
+  another.
 * norm=(weight, sumsq, eps): x is the residual stream h; the program forms rsqrt(sum(sumsq) / K + eps) from the
   producer's per-tile sums of squares and multiplies each loaded slice into RMSNorm(h) (as the model's `RMSNorm`:
   weight * dtype(h * scale)).
@@ -521,11 +522,8 @@ def _kernel(*refs, st: _Static):
 
     def rms_scale(rows_blk: int, m_first):
         """(rows_blk,) float32 rsqrt(mean(h^2) + eps) of x's rows from the producer's sum-of-squares partials."""
-        cp = max(2, 1 << (st.norm_c - 1).bit_length())
-        c = jax.lax.broadcasted_iota(jnp.int32, (cp,), 0)
-        r = m_first + jax.lax.broadcasted_iota(jnp.int32, (rows_blk,), 0)
-        mask = (r < st.m)[:, None] & (c < st.norm_c)[None, :]
-        ss = plgpu.load(ss_ref.at[pl.ds(m_first, rows_blk), pl.ds(0, cp)], mask=mask, other=0.0)
+        r = m_first + jax.lax.broadcasted_iota(jnp.int32, (rows_blk,), 0)  # norm_c: a power of two (wrapper)
+        ss = plgpu.load(ss_ref.at[pl.ds(m_first, rows_blk), pl.ds(0, st.norm_c)], mask=(r < st.m)[:, None], other=0.0)
         return jax.lax.rsqrt(jnp.sum(ss, axis=1) / st.norm_k + st.norm_eps)
 
     def normalize(xv, scale, kk, width: int):
@@ -769,7 +767,7 @@ def _finish_tile(st: _Static, part_ref, b_ref, r_ref, cnt_ref, fin_refs, pid_n, 
     A per-tile counter in `cnt_ref` (zero between calls) counts finished programs: each program, after storing
     its partial tile, increments it atomically (acquire-release, GPU scope, after a CTA barrier so every thread's
     stores are ordered before it); the program that sees target - 1 is the last, resets the counter to zero for
-    the next call and reads the partials bypassing L1. "silu_mul" pairs gate tile p with up tile p + N/2 / BN:
+    the next call and reads the partials. "silu_mul" pairs gate tile p with up tile p + N/2 / BN:
     both count on one counter, and the last of the 2S programs writes silu(gate) * up.
     """
     bm, bn = st.cfg.block_m, st.cfg.block_n
