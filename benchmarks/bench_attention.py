@@ -41,26 +41,25 @@ def time_call(b, nh, kv, d, s, backend, cfg=None, copies=8, reps=20) -> float:
     start = jnp.int32(s - 3)
 
     @jax.jit
-    def run(caches, q):
+    def run(caches, qkv):
         def body(i, carry):
             caches, acc = carry
             out = []
             for kc, vc in caches:
-                o, kc, vc = decode_attention(q + acc, cos, sin, kc, vc, valid, start, num_heads=nh,
+                o, kc, vc = decode_attention(qkv + acc, cos, sin, kc, vc, valid, start, num_heads=nh,
                                              backend=backend, config=cfg)
                 acc = acc + jnp.pad(o.reshape(b, -1), ((0, 0), (0, 2 * kv * d))) * 1e-3
                 out.append((kc, vc))
             return tuple(out), acc
 
-        return jax.lax.fori_loop(0, reps, body, (caches, jnp.zeros_like(q)))
+        return jax.lax.fori_loop(0, reps, body, (caches, jnp.zeros_like(qkv)))
 
-    q = qkv
-    r = run(caches, q)
+    r = run(caches, qkv)
     jax.block_until_ready(r)
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
-        r = run(r[0], q)
+        r = run(r[0], qkv)
         jax.block_until_ready(r)
         best = min(best, time.perf_counter() - t0)
     return best / (reps * copies)

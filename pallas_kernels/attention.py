@@ -39,7 +39,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.matmul import compiler_params
+from pallas_kernels.matmul import compiler_params, completion_counters, when_last_to_finish
 
 __all__ = ["AttentionConfig", "apply_rotary", "attention_reference", "cache_attention_mask", "decode_attention",
            "decode_attention_reference", "split_qkv", "write_cache"]
@@ -251,19 +251,12 @@ _MAX_COMBINE_SPLITS = 8  # the in-kernel combine holds every split's (rows, D) p
 
 def _combine_last(st: _Static, cnt_ref, acc_ref, m_ref, l_ref, o_ref, b, h, row_ok) -> None:
     """The last of the `splits` programs of (row b, kv head h) to finish combines their (m, l, acc):
-    out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i, M = max_i m_i (as the XLA combine). A per-(b, h)
-    counter, zero between calls, counts finished programs (atomic, acquire-release, after a CTA barrier); the
-    last resets it and reads the partials from L2."""
-    if not st.interpret:
-        plgpu.debug_barrier()
-    tid = b * st.kv + h
-    old = plgpu.atomic_add(cnt_ref, tid, jnp.int32(1))
+    out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i, M = max_i m_i (as the XLA combine), found through a
+    per-(b, h) completion counter (`matmul.when_last_to_finish`)."""
 
-    @pl.when(old == st.splits - 1)
+    @when_last_to_finish(cnt_ref, b * st.kv + h, st.splits, interpret=st.interpret)
     def _():
-        plgpu.atomic_add(cnt_ref, tid, jnp.int32(-st.splits))
-        # every split's loads are independent (unrolled; plain loads: the counter's acquire orders the other
-        # programs' stores before them), shapes (1, rows[, D]) so no register slicing is needed
+        # every split's loads are independent (unrolled), shapes (1, rows[, D]) so no register slicing is needed
         ms = [plgpu.load(m_ref.at[b, h, pl.ds(i, 1), :]) for i in range(st.splits)]
         ls = [plgpu.load(l_ref.at[b, h, pl.ds(i, 1), :]) for i in range(st.splits)]
         accs = [plgpu.load(acc_ref.at[b, h, pl.ds(i, 1), :, :]) for i in range(st.splits)]
@@ -318,8 +311,8 @@ def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_ca
     out_shape = [*(final if splits == 1 else partials + final if combine else partials), *cache_shapes]
     first_cache_out = len(out_shape) - 2
     args = [start_arr, heads, cos, sin, k_cache, v_cache, valid]
-    if combine:  # per-(row, kv head) completion counters: zero before and after every call
-        args.append(jnp.asarray(np.zeros(b * kv, np.int32)))
+    if combine:
+        args.append(completion_counters(b * kv))  # one per (row, kv head)
     outs = pl.pallas_call(
         functools.partial(_kernel, st=st),
         out_shape=out_shape,

@@ -115,14 +115,20 @@ def gptq_linear(
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     kernel_dtype = x.dtype in (jnp.float16, jnp.bfloat16)
-    if backend is None:
-        backend = "pallas" if jax.default_backend() == "gpu" and kernel_dtype else "xla"
-    if backend not in ("pallas", "interpret", "xla"):
-        raise ValueError(f"backend={backend!r}: use 'pallas', 'interpret' or 'xla'")
+    backend = _resolve_backend(backend, kernel_dtype)
     if m == 0:
         return jnp.zeros((*lead, n), out_dtype)
     y = _linear_fn(backend if kernel_dtype else "xla", config, out_dtype, bias is not None)(x2, w, bias)
     return y.reshape(*lead, n)
+
+
+def _resolve_backend(backend: str | None, kernel_dtype: bool) -> str:
+    """None -> "pallas" on a GPU for fp16/bf16 activations, "xla" otherwise; anything else must be a backend."""
+    if backend is None:
+        backend = "pallas" if jax.default_backend() == "gpu" and kernel_dtype else "xla"
+    if backend not in ("pallas", "interpret", "xla"):
+        raise ValueError(f"backend={backend!r}: use 'pallas', 'interpret' or 'xla'")
+    return backend
 
 
 def rms_norm_from_sumsq(h: jax.Array, weight: jax.Array, sumsq: jax.Array, eps: float) -> jax.Array:
@@ -159,10 +165,7 @@ def gptq_linear_fused(
         raise ValueError(f"x must have shape (M, K={w.in_features}), got {x.shape}")
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     kernel_dtype = x.dtype in (jnp.float16, jnp.bfloat16)
-    if backend is None:
-        backend = "pallas" if jax.default_backend() == "gpu" and kernel_dtype else "xla"
-    if backend not in ("pallas", "interpret", "xla"):
-        raise ValueError(f"backend={backend!r}: use 'pallas', 'interpret' or 'xla'")
+    backend = _resolve_backend(backend, kernel_dtype)
     n = w.out_features
     cfg = choose_config(w, x.shape[0]) if backend != "xla" and kernel_dtype else None
     if cfg is not None:

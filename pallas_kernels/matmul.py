@@ -30,9 +30,9 @@ kernels around each matmul are folded into it:
 * reduce: each program still writes its fp32 partial tile, then (after a CTA barrier) increments the tile's
   completion counter atomically (acquire-release, GPU scope); the program that sees S - 1 is the last one, resets
   the counter and sums the S partials (from L2; wide loads, all issued at once), adds the bias and writes the
-  tile. The counters are a constant zero buffer passed as an input that every call leaves zero again, so they
-  need no state and no memset; it assumes, as XLA's GPU executables do, that kernels sharing it run one after
-  another.
+  tile (`when_last_to_finish`, also used by the decode attention's split combine). The counters are a constant
+  zero buffer passed as an input that every call leaves zero again (`completion_counters`), so they need no
+  state and no memset; it assumes, as XLA's GPU executables do, that kernels sharing it run one after another.
 * norm=(weight, sumsq, eps): x is the residual stream h; the program forms rsqrt(sum(sumsq) / K + eps) from the
   producer's per-tile sums of squares and multiplies each loaded slice into RMSNorm(h) (as the model's `RMSNorm`:
   weight * dtype(h * scale)).
@@ -754,6 +754,33 @@ def _kernel(*refs, st: _Static):
         _finish_tile(st, o_ref, b_ref, r_ref, cnt_ref, fin_refs, pid_n, pid_m)
 
 
+def completion_counters(n: int) -> jax.Array:
+    """n int32 completion counters for `when_last_to_finish`: a constant zero buffer (kernel input) that every
+    call leaves zero again, so it needs no state threaded through the caller and no memset kernel. Kernels that
+    share one must run one after another, as XLA's GPU executables run them."""
+    return jnp.asarray(np.zeros(n, np.int32))
+
+
+def when_last_to_finish(cnt_ref, tid, target: int, *, interpret: bool):
+    """Decorator: run the body only in the last of the `target` programs that share counter `tid`.
+
+    Each program, after its stores, increments the counter atomically (acquire-release, GPU scope; a CTA barrier
+    first so every thread's stores are ordered before it); the one that sees target - 1 resets the counter to zero
+    for the next call and runs the body, whose plain loads then see every other program's stores.
+    """
+    if not interpret:
+        plgpu.debug_barrier()
+    old = plgpu.atomic_add(cnt_ref, tid, jnp.int32(1))
+
+    def deco(body):
+        @pl.when(old == target - 1)
+        def _():
+            plgpu.atomic_add(cnt_ref, tid, jnp.int32(-target))  # (the interpreter has no atomic_xchg)
+            body()
+
+    return deco
+
+
 def _sum_chunk(splits: int, rows: int, bn: int) -> int:
     """Partials per load in the in-kernel reduction: a power of two, at most 2048 fp32 values per load (16
     registers a thread at 4 warps), at most the next power of two of `splits`."""
@@ -767,8 +794,8 @@ def _finish_tile(st: _Static, part_ref, b_ref, r_ref, cnt_ref, fin_refs, pid_n, 
     A per-tile counter in `cnt_ref` (zero between calls) counts finished programs: each program, after storing
     its partial tile, increments it atomically (acquire-release, GPU scope, after a CTA barrier so every thread's
     stores are ordered before it); the program that sees target - 1 is the last, resets the counter to zero for
-    the next call and reads the partials. "silu_mul" pairs gate tile p with up tile p + N/2 / BN:
-    both count on one counter, and the last of the 2S programs writes silu(gate) * up.
+    the next call and reads the partials (`when_last_to_finish`). "silu_mul" pairs gate tile p with up tile
+    p + N/2 / BN: both count on one counter, and the last of the 2S programs writes silu(gate) * up.
     """
     bm, bn = st.cfg.block_m, st.cfg.block_n
     m0 = pid_m * bm
@@ -777,9 +804,6 @@ def _finish_tile(st: _Static, part_ref, b_ref, r_ref, cnt_ref, fin_refs, pid_n, 
         tid, target = pid_m * pairs + pid_n % pairs, 2 * st.splits
     else:
         tid, target = pid_m * st.n_tiles + pid_n, st.splits
-    if not st.interpret:
-        plgpu.debug_barrier()
-    old = plgpu.atomic_add(cnt_ref, tid, jnp.int32(1))
     rb = bm  # a power of two (the wrapper rounds fma tiles up when reducing)
     rows = m0 + jax.lax.broadcasted_iota(jnp.int32, (rb,), 0)
     rmask = rows < st.m
@@ -804,9 +828,8 @@ def _finish_tile(st: _Static, part_ref, b_ref, r_ref, cnt_ref, fin_refs, pid_n, 
 
     od = fin_refs[0].dtype
 
-    @pl.when(old == target - 1)
+    @when_last_to_finish(cnt_ref, tid, target, interpret=st.interpret)
     def _():
-        plgpu.atomic_add(cnt_ref, tid, jnp.int32(-target))  # back to zero for the next call
         if st.epilogue == "silu_mul":
             c0 = (pid_n % (st.n_tiles // 2)) * bn
             gate, mask = tile_sum(c0)
@@ -979,8 +1002,7 @@ def gptq_matmul(
     if residual is not None:
         args.append(residual.astype(out_dtype))
     if reduce:
-        # per-tile completion counters: zero before and after every call (the last program resets its own)
-        args.append(jnp.asarray(np.zeros(n_tiles * m_tiles, np.int32)))
+        args.append(completion_counters(n_tiles * m_tiles))
     s_rows = splits  # the in-kernel reduction loads whole chunks of partials: room for the last one
     if reduce:
         chunk = _sum_chunk(splits, bm, cfg.block_n)

@@ -263,17 +263,15 @@ class LlamaDecoderLayer(nnx.Module):
         of hidden's rows (what the input norm needs); positions (B, 1); kv_valid, cache, start as `cached`.
         Returns (hidden, sumsq, cache) for the next block. Same arithmetic as `cached` with T = 1.
         """
-        attn, mlp = self.self_attn, self.mlp
-        eps = self.input_layernorm.eps
+        attn, mlp, norm1, norm2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
         b = hidden.shape[0]
         cos, sin = rotary_cos_sin(self.config, positions)
-        qkv = attn.qkv_proj.fused(hidden, norm=(self.input_layernorm.weight[...], sumsq, eps))
+        qkv = attn.qkv_proj.fused(hidden, norm=(norm1.weight[...], sumsq, norm1.eps))
         out, k_cache, v_cache = decode_attention(qkv, cos[:, 0], sin[:, 0], *cache, kv_valid, start,
                                                  self.sliding_window, num_heads=attn.num_heads,
                                                  config=_FOLDED_ATTENTION)
         hidden, sumsq = attn.o_proj.fused(out.reshape(b, -1), epilogue="residual", residual=hidden)
-        act = mlp.gate_up_proj.fused(hidden, norm=(self.post_attention_layernorm.weight[...], sumsq,
-                                                   self.post_attention_layernorm.eps), epilogue="silu_mul")
+        act = mlp.gate_up_proj.fused(hidden, norm=(norm2.weight[...], sumsq, norm2.eps), epilogue="silu_mul")
         hidden, sumsq = mlp.down_proj.fused(act, epilogue="residual", residual=hidden)
         return hidden, sumsq, (k_cache, v_cache)
 
