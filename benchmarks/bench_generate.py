@@ -48,8 +48,7 @@ def xla_backend():
     import gptq_jax.models.quant_linear as ql
 
     patched = []
-    for mod, name in ((ql, "gptq_linear"), (ql, "gptq_linear_fused"), (dispatch, "gptq_linear"),
-                      (dispatch, "gptq_linear_fused"), (llama, "decode_attention")):
+    for mod, name in ((ql, "gptq_linear"), (dispatch, "gptq_linear"), (llama, "decode_attention")):
         fn = getattr(mod, name, None)
         if fn is not None:
             patched.append((mod, name, fn))
@@ -67,17 +66,14 @@ def xla_backend():
         gen._EXECUTABLES.clear()
 
 
-def pallas_vs_xla(config_name: str = "smollm2-135m", layers: int = 4, new_tokens: int = 48, fold: bool = False) -> dict:
+def pallas_vs_xla(config_name: str = "smollm2-135m", layers: int = 4, new_tokens: int = 48) -> dict:
     """Greedy tokens of a random 4-bit model (the config's shapes, `layers` layers): Pallas path vs XLA reference
-    path (fp16, a batch of 4 left-padded prompts of different lengths). fold: with fused projections and
-    fold_decode (the folded decode step's kernels against its XLA composition)."""
+    path (fp16, a batch of 4 left-padded prompts of different lengths)."""
     config = dataclasses.replace(gen.random_config(config_name), num_hidden_layers=layers,
                                  layer_types=("full_attention",) * layers)
     model = gen.random_model(config, dtype=jnp.float16, bits=4, group_size=GROUPS[config_name], seed=1)
     emb = model.model.embed_tokens.weight  # (tied) logits with a wide spread: no near-ties for fp16 noise to flip
     emb.set_value(emb.get_value() * 25)
-    if fold:
-        fuse_projections(model, fold_decode=True)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in (5, 17, 40, 64)]
     gen._EXECUTABLES.clear()
@@ -86,8 +82,7 @@ def pallas_vs_xla(config_name: str = "smollm2-135m", layers: int = 4, new_tokens
         xla, _, _ = gen.generate_ids(model, prompts, max_new_tokens=new_tokens, eos_token_ids=())
     same = sum(a == b for pa, xa in zip(pallas, xla) for a, b in zip(pa, xa))
     first_diff = [next((j for j, (a, b) in enumerate(zip(pa, xa)) if a != b), None) for pa, xa in zip(pallas, xla)]
-    return {"config": f"{config_name} ({layers} layers)" + (" fused+fold" if fold else ""),
-            "tokens": len(prompts) * new_tokens, "same_tokens": int(same),
+    return {"config": f"{config_name} ({layers} layers)", "tokens": len(prompts) * new_tokens, "same_tokens": int(same),
             "equal": pallas == xla, "first_difference_per_row": first_diff}
 
 
@@ -103,8 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fused", action="store_true",
                     help="also time each variant with q/k/v and gate/up fused (gptq_jax.models.fusion)")
     ap.add_argument("--variants", default=None,
-                    help="comma-separated subset of fp16, gptq, fp16+fused, gptq+fused, gptq+fused+fold (default: "
-                    "fp16 and gptq, plus their fused forms with --fused; +fold: fuse_projections(fold_decode=True))")
+                    help="comma-separated subset of fp16, gptq, fp16+fused, gptq+fused (default: fp16 and gptq, "
+                    "plus their fused forms with --fused)")
     ap.add_argument("--skip-check", action="store_true", help="skip the Pallas vs XLA greedy-token check")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -117,34 +112,32 @@ def main(argv=None) -> int:
                  "new_tokens": args.new_tokens, "date": time.strftime("%Y-%m-%d")}
     if not args.skip_check:
         t0 = time.perf_counter()
-        for key, fold in (("pallas_vs_xla", False), ("pallas_vs_xla_fold", True)):
-            try:
-                out[key] = pallas_vs_xla(fold=fold)
-            except Exception as e:  # report and go on to the timings
-                out[key] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"{key}:", out[key], f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        try:
+            out["pallas_vs_xla"] = pallas_vs_xla()
+        except Exception as e:  # report and go on to the timings
+            out["pallas_vs_xla"] = {"error": f"{type(e).__name__}: {e}"}
+        print("pallas vs xla:", out["pallas_vs_xla"], f"({time.perf_counter() - t0:.0f} s)", flush=True)
     bw = gen.copy_bandwidth(1 << 30 if jax.default_backend() == "gpu" else 1 << 26)
     out["copy_bandwidth_GBps"] = bw / 1e9
     print(f"copy bandwidth: {bw / 1e9:.0f} GB/s", flush=True)
     rows = []
     for name in args.configs.split(","):
         config = gen.random_config(name)
-        known = {"fp16": (None, False, False), "gptq": (args.bits, False, False), "fp16+fused": (None, True, False),
-                 "gptq+fused": (args.bits, True, False), "gptq+fused+fold": (args.bits, True, True)}
+        known = {"fp16": (None, False), "gptq": (args.bits, False), "fp16+fused": (None, True),
+                 "gptq+fused": (args.bits, True)}
         names = args.variants.split(",") if args.variants else list(known)[:4 if args.fused else 2]
         bad = [v for v in names if v not in known]
         if bad:
             ap.error(f"--variants: unknown {bad}; choose from {sorted(known)}")
         variants = [known[v] for v in names]
-        for bits, fused, fold in variants:
+        for bits, fused in variants:
             t0 = time.perf_counter()
             model = gen.random_model(config, dtype=jnp.float16, bits=bits, group_size=GROUPS[name])
             if fused:
-                report = fuse_projections(model, fold_decode=fold)
+                report = fuse_projections(model)
                 assert not report.skipped, report.skipped
             jax.block_until_ready(jax.tree_util.tree_leaves(nnx.state(model)))
-            variant = (("fp16" if bits is None else f"gptq{bits}-g{GROUPS[name]}") + ("+fused" if fused else "")
-                       + ("+fold" if fold else ""))
+            variant = ("fp16" if bits is None else f"gptq{bits}-g{GROUPS[name]}") + ("+fused" if fused else "")
             batches = per_config.get(name, per_config.get("*", [1]))
             for r in gen.bench_generate(model, batch_sizes=batches, prompt_len=args.prompt_len,
                                         new_tokens=args.new_tokens, repeats=args.repeats):
@@ -157,7 +150,7 @@ def main(argv=None) -> int:
             del model
             gc.collect()
     out["rows"] = rows
-    print(f"\n{'config':<13} {'variant':<22} {'B':>3} {'TTFT ms':>8} {'tok/s':>9} {'steps/s':>8} "
+    print(f"\n{'config':<13} {'variant':<17} {'B':>3} {'TTFT ms':>8} {'tok/s':>9} {'steps/s':>8} "
           f"{'vs fp16':>7} {'bound':>7} {'of bound':>8} {'weights GB':>10}")
     for r in rows:
         # against plain fp16, or fused fp16 when plain fp16 was not run
@@ -165,7 +158,7 @@ def main(argv=None) -> int:
                      and x["variant"] == v and x["batch"] == r["batch"]), None)
         r["speedup_vs_fp16"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else None
         vs = f"{r['speedup_vs_fp16']:>7.2f}" if base else f"{'-':>7}"
-        print(f"{r['config']:<13} {r['variant']:<22} {r['batch']:>3} {r['time_to_first_token_s'] * 1e3:>8.1f} "
+        print(f"{r['config']:<13} {r['variant']:<17} {r['batch']:>3} {r['time_to_first_token_s'] * 1e3:>8.1f} "
               f"{r['decode_tokens_per_s']:>9.1f} {r['decode_steps_per_s']:>8.1f} {vs} "
               f"{r['bound_steps_per_s']:>7.1f} {r['fraction_of_bound']:>8.2f} {r['weight_bytes'] / 1e9:>10.3f}")
     if args.json:

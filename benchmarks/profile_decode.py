@@ -1,7 +1,7 @@
 """Where a decode step's time goes: a `jax.profiler` trace of 32 decode steps of a random 4-bit model (fused
 projections), GPU kernels summed by name (per step) and one stretch of the kernel sequence with the gaps.
 
-    python benchmarks/profile_decode.py [--config llama2-7b] [--steps 32] [--no-fuse] [--fold]
+    python benchmarks/profile_decode.py [--config llama2-7b] [--steps 32] [--no-fuse]
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ def main() -> None:
     ap.add_argument("--config", default="llama2-7b")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--fold", action="store_true", help="with --fuse: fold_decode (LlamaDecoderLayer.decode_fused)")
     args = ap.parse_args()
     model = gen.random_model(gen.random_config(args.config), dtype=jnp.float16, bits=4, group_size=128, seed=1)
     if args.fuse:
-        fuse_projections(model, fold_decode=args.fold)
+        fuse_projections(model)
     prompts = [[5] * 128]
     kw = dict(max_new_tokens=args.steps, eos_token_ids=(), max_length=256 + args.steps)
     gen.generate_ids(model, prompts, **kw)  # compile

@@ -284,7 +284,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     if args.fuse:
         from gptq_jax.models.fusion import fuse_projections
 
-        report = fuse_projections(loaded.model, fold_decode=args.fold_decode)
+        report = fuse_projections(loaded.model)
         fused = report.fused
         log.info("fused %d q/k/v and gate/up groups into one linear each", report.fused)
         for why in report.skipped:
@@ -318,7 +318,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
             for i, text in enumerate(res.texts):
                 print(f"--- [{i}] {prompts[i]}\n{text}")
     out = {"model": loaded.source, "kind": loaded.kind, "dtype": dtype, **res.to_dict(), "load_s": load_s,
-           "fused_projections": fused, "fold_decode": bool(args.fuse and args.fold_decode)}
+           "fused_projections": fused}
     out["_table"] = [
         ("new_tokens", sum(len(t) for t in res.token_ids)), ("batch_size", res.batch_size),
         ("time_to_first_token_s", res.time_to_first_token_s), ("tokens_per_s", res.decode_tokens_per_s),
@@ -370,13 +370,12 @@ def cmd_bench_generate(args: argparse.Namespace) -> dict:
         if args.fuse:  # as `generate` runs them (the same setting for every variant)
             from gptq_jax.models.fusion import fuse_projections
 
-            fused = fuse_projections(model, fold_decode=args.fold_decode).fused
+            fused = fuse_projections(model).fused
         for r in gen.bench_generate(model, batch_sizes=batch_sizes, prompt_len=args.prompt_len,
                                     new_tokens=args.new_tokens, seed=args.seed, repeats=args.repeats):
             bound = bandwidth / r["weight_bytes"]  # decode steps/s if every step only read the weights once
             rows.append({"variant": name, **r, "bandwidth_bound_steps_per_s": bound,
-                         "fraction_of_bound": r["decode_steps_per_s"] / bound, "fused_projections": fused,
-                         "fold_decode": bool(args.fuse and args.fold_decode)})
+                         "fraction_of_bound": r["decode_steps_per_s"] / bound, "fused_projections": fused})
         del model
         gc.collect()
     if not args.json:
@@ -432,11 +431,6 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
                      ("initial_ppl", res.initial_eval.ppl), ("final_ppl", res.final_eval.ppl),
                      ("train_s", res.train_s), ("adapter", str(args.out))]
     return out
-
-
-FOLD_HELP = ("with --fuse, fold each quantized block's norms, residual adds, SiLU and split-K sums into its four "
-             "Pallas matmuls at decode (experimental: checked on CPU in the Pallas interpreter, not yet measured on "
-             "a GPU; same tokens through the XLA path)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -538,7 +532,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                      help="run q/k/v and gate/up as one linear each (default; same tokens, faster decode on a GPU: "
                      "benchmarks/RESULTS.md); --no-fuse keeps the model's seven linears per layer")
-    gen.add_argument("--fold-decode", action="store_true", help=FOLD_HELP)
     common(gen)
     gen.set_defaults(func=cmd_generate, title="generate")
 
@@ -591,7 +584,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compute dtype (auto: float16 on GPU, float32 on CPU)")
     bg.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                     help="fuse q/k/v and gate/up in every variant, as `generate` does (default); --no-fuse: not")
-    bg.add_argument("--fold-decode", action="store_true", help=FOLD_HELP)
     common(bg)
     bg.set_defaults(func=cmd_bench_generate, title="bench-generate")
     return p

@@ -18,9 +18,7 @@ probabilities x values) of 1.5-3.7 us each on the H100, about 0.3 ms of a 7B mod
   by the same program (the caches are aliased in and out, so XLA updates them in place); every program masks
   slot `start` out of its cache reads, so no program reads the slot being written;
 * splits > 1 (long caches, few rows/heads): each split writes (m, l, acc) and XLA combines them:
-  out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i, M = max_i m_i; with
-  `AttentionConfig(combine_in_kernel=True)` (the folded decode step) the last split program of each (row, kv
-  head) to finish does it instead, found through a completion counter as in matmul.py's in-kernel reduction.
+  out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i, M = max_i m_i.
 
 `decode_attention_reference` is the XLA computation the kernel replaces (`split_qkv`, `apply_rotary`,
 `write_cache` + masked softmax attention), used on CPU and in tests; those pieces and `cache_attention_mask` are
@@ -39,7 +37,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.matmul import compiler_params, completion_counters, when_last_to_finish
+from pallas_kernels.matmul import compiler_params
 
 __all__ = ["AttentionConfig", "apply_rotary", "attention_reference", "cache_attention_mask", "decode_attention",
            "decode_attention_reference", "split_qkv", "write_cache"]
@@ -130,17 +128,13 @@ def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """block_k: cache slots per loop step (power of two >= 16); splits: programs per (row, kv head) over the
-    slots (None: enough for about `programs` programs in all); num_warps, num_stages: Triton parameters;
-    combine_in_kernel: with 2..8 splits, the last program of each (row, kv head) to finish combines the splits'
-    partial results (a completion counter, as the GPTQ kernel's in-kernel split-K reduction) instead of an XLA
-    kernel doing it."""
+    slots (None: enough for about `programs` programs in all); num_warps, num_stages: Triton parameters."""
 
     block_k: int = 64
     splits: int | None = None
     programs: int = 264
     num_warps: int = 4
     num_stages: int = 2
-    combine_in_kernel: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +149,6 @@ class _Static:
     splits: int
     window: int | None
     scale: float
-    combine: bool = False  # splits > 1 combined in the kernel (counter input, output after the partials)
-    interpret: bool = False
 
 
 def _kernel(start_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, valid_ref, *outs, st: _Static):
@@ -227,45 +219,17 @@ def _kernel(start_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, valid_ref, *ou
         o_ref, kco_ref, vco_ref = outs
         out = (acc / l[:, None]).astype(o_ref.dtype)
         plgpu.store(o_ref.at[b, pl.ds(h * st.g, st.rows), :], out, mask=row_ok[:, None])
-    elif not st.combine:
+    else:
         acc_ref, m_ref, l_ref, kco_ref, vco_ref = outs
         acc_ref[b, h, sp] = acc
         m_ref[b, h, sp] = m
         l_ref[b, h, sp] = l
-    else:
-        cnt_ref, acc_ref, m_ref, l_ref, o_ref, kco_ref, vco_ref = outs
-        acc_ref[b, h, sp] = acc
-        m_ref[b, h, sp] = m
-        l_ref[b, h, sp] = l
-        _combine_last(st, cnt_ref, acc_ref, m_ref, l_ref, o_ref, b, h, row_ok)
 
     @pl.when((sp == 0) & in_cache)
     def _():
         kco_ref[b, start, h, lo] = kn_lo.astype(kco_ref.dtype)
         kco_ref[b, start, h, hi] = kn_hi.astype(kco_ref.dtype)
         vco_ref[b, start, h, :] = vn.astype(vco_ref.dtype)
-
-
-_MAX_COMBINE_SPLITS = 8  # the in-kernel combine holds every split's (rows, D) partial at once; more: XLA combines
-
-
-def _combine_last(st: _Static, cnt_ref, acc_ref, m_ref, l_ref, o_ref, b, h, row_ok) -> None:
-    """The last of the `splits` programs of (row b, kv head h) to finish combines their (m, l, acc):
-    out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i, M = max_i m_i (as the XLA combine), found through a
-    per-(b, h) completion counter (`matmul.when_last_to_finish`)."""
-
-    @when_last_to_finish(cnt_ref, b * st.kv + h, st.splits, interpret=st.interpret)
-    def _():
-        # every split's loads are independent (unrolled), shapes (1, rows[, D]) so no register slicing is needed
-        ms = [plgpu.load(m_ref.at[b, h, pl.ds(i, 1), :]) for i in range(st.splits)]
-        ls = [plgpu.load(l_ref.at[b, h, pl.ds(i, 1), :]) for i in range(st.splits)]
-        accs = [plgpu.load(acc_ref.at[b, h, pl.ds(i, 1), :, :]) for i in range(st.splits)]
-        mx = functools.reduce(jnp.maximum, ms)
-        ws = [jnp.exp(m - mx) for m in ms]
-        den = jnp.sum(functools.reduce(jnp.add, [w * l for w, l in zip(ws, ls)]), axis=0)
-        num = jnp.sum(functools.reduce(jnp.add, [w[:, :, None] * a for w, a in zip(ws, accs)]), axis=0)
-        out = (num / den[:, None]).astype(o_ref.dtype)
-        plgpu.store(o_ref.at[b, pl.ds(h * st.g, st.rows), :], out, mask=row_ok[:, None])
 
 
 def _splits_for(cfg: AttentionConfig, b: int, kv: int, s: int) -> int:
@@ -288,9 +252,8 @@ def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_ca
     g = nh // kv
     rows = max(16, 1 << (g - 1).bit_length())
     splits = _splits_for(config, b, kv, s)
-    combine = config.combine_in_kernel and 1 < splits <= _MAX_COMBINE_SPLITS
     st = _Static(s=s, nh=nh, kv=kv, g=g, rows=rows, d=d, block_k=config.block_k, splits=splits,
-                 window=sliding_window, scale=float(d ** -0.5), combine=combine, interpret=interpret)
+                 window=sliding_window, scale=float(d ** -0.5))
     start_arr = jnp.asarray(start, jnp.int32).reshape(1)
     valid = kv_valid.astype(jnp.int32)
     heads = qkv.reshape(b, nh + 2 * kv, d)  # free: the row is q | k | v heads of d
@@ -303,16 +266,15 @@ def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_ca
         k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
     cache_shapes = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                     jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
-    out_rows = nh + (rows if interpret else 0)
-    final = [jax.ShapeDtypeStruct((b, out_rows, d), qkv.dtype)]
-    partials = [jax.ShapeDtypeStruct((b, kv, splits, rows, d), jnp.float32),
-                jax.ShapeDtypeStruct((b, kv, splits, rows), jnp.float32),
-                jax.ShapeDtypeStruct((b, kv, splits, rows), jnp.float32)]
-    out_shape = [*(final if splits == 1 else partials + final if combine else partials), *cache_shapes]
-    first_cache_out = len(out_shape) - 2
-    args = [start_arr, heads, cos, sin, k_cache, v_cache, valid]
-    if combine:
-        args.append(completion_counters(b * kv))  # one per (row, kv head)
+    if splits == 1:
+        out_rows = nh + (rows if interpret else 0)
+        out_shape = [jax.ShapeDtypeStruct((b, out_rows, d), qkv.dtype), *cache_shapes]
+        first_cache_out = 1
+    else:
+        out_shape = [jax.ShapeDtypeStruct((b, kv, splits, rows, d), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kv, splits, rows), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kv, splits, rows), jnp.float32), *cache_shapes]
+        first_cache_out = 3
     outs = pl.pallas_call(
         functools.partial(_kernel, st=st),
         out_shape=out_shape,
@@ -321,12 +283,12 @@ def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_ca
         compiler_params=None if interpret else compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(*args)
+    )(start_arr, heads, cos, sin, k_cache, v_cache, valid)
     k_out, v_out = outs[first_cache_out], outs[first_cache_out + 1]
     if interpret:
         k_out, v_out = k_out[:, :s], v_out[:, :s]
-    if splits == 1 or combine:
-        return outs[first_cache_out - 1][:, :nh], k_out, v_out
+    if splits == 1:
+        return outs[0][:, :nh], k_out, v_out
     acc, m, l = outs[:3]
     mx = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp(m - mx)

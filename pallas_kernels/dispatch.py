@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.gptq_layout import GPTQWeight
-from pallas_kernels.matmul import Epilogue, KernelConfig, gptq_matmul, reference
+from pallas_kernels.matmul import KernelConfig, gptq_matmul, reference
 from pallas_kernels.matmul_t import KernelConfigT, gptq_matmul_t, reference_t
 
-__all__ = ["Rule", "TABLE", "TABLE_T", "choose_config", "gptq_linear", "gptq_linear_fused", "rms_norm_from_sumsq"]
+__all__ = ["Rule", "TABLE", "TABLE_T", "choose_config", "gptq_linear"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,77 +115,14 @@ def gptq_linear(
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     kernel_dtype = x.dtype in (jnp.float16, jnp.bfloat16)
-    backend = _resolve_backend(backend, kernel_dtype)
-    if m == 0:
-        return jnp.zeros((*lead, n), out_dtype)
-    y = _linear_fn(backend if kernel_dtype else "xla", config, out_dtype, bias is not None)(x2, w, bias)
-    return y.reshape(*lead, n)
-
-
-def _resolve_backend(backend: str | None, kernel_dtype: bool) -> str:
-    """None -> "pallas" on a GPU for fp16/bf16 activations, "xla" otherwise; anything else must be a backend."""
     if backend is None:
         backend = "pallas" if jax.default_backend() == "gpu" and kernel_dtype else "xla"
     if backend not in ("pallas", "interpret", "xla"):
         raise ValueError(f"backend={backend!r}: use 'pallas', 'interpret' or 'xla'")
-    return backend
-
-
-def rms_norm_from_sumsq(h: jax.Array, weight: jax.Array, sumsq: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm of h (M, K) from partial sums of squares sumsq (M, C) float32 (summing to sum_k h^2):
-    weight * dtype(h * rsqrt(sum / K + eps)), in h's dtype (the model's `RMSNorm`, reference path)."""
-    var = jnp.sum(sumsq, axis=-1, keepdims=True) / h.shape[-1]
-    return weight.astype(h.dtype) * (h.astype(jnp.float32) * jax.lax.rsqrt(var + eps)).astype(h.dtype)
-
-
-def gptq_linear_fused(
-    x: jax.Array,
-    w: GPTQWeight,
-    bias: jax.Array | None = None,
-    *,
-    norm: tuple[jax.Array, jax.Array, float] | None = None,
-    epilogue: Epilogue = "none",
-    residual: jax.Array | None = None,
-    backend: Literal["pallas", "interpret", "xla"] | None = None,
-    out_dtype=None,
-):
-    """A decode-step linear with its neighbours folded in (inference only, no gradient); x (M, K).
-
-    norm=(weight (K,), sumsq (M, C) float32, eps): x is the residual stream h and the layer multiplies
-    `rms_norm_from_sumsq(h, weight, sumsq, eps)`. epilogue="residual" (residual (M, N) required) returns
-    (h' = out_dtype(residual + y), sumsq' (M, C') float32 whose rows sum to sum_n h'^2: what the next norm= takes);
-    "silu_mul" (columns [gate | up]) returns silu(gate) * up (M, N/2); "none" returns y (M, N).
-
-    On the "pallas"/"interpret" backends, rows the Pallas kernel takes (M up to the table's last kernel rule) run
-    as one kernel: normalisation as x is loaded, split-K partial sums reduced by the last program of each output
-    tile, the epilogue applied there (matmul.py, "Fused decode"); otherwise (XLA reference, dequantize + dot for
-    large M, or a silu_mul split the kernel cannot tile) the same arithmetic as separate XLA operations.
-    """
-    if x.ndim != 2 or x.shape[1] != w.in_features:
-        raise ValueError(f"x must have shape (M, K={w.in_features}), got {x.shape}")
-    out_dtype = jnp.dtype(out_dtype or x.dtype)
-    kernel_dtype = x.dtype in (jnp.float16, jnp.bfloat16)
-    backend = _resolve_backend(backend, kernel_dtype)
-    n = w.out_features
-    cfg = choose_config(w, x.shape[0]) if backend != "xla" and kernel_dtype else None
-    if cfg is not None:
-        silu_ok = epilogue != "silu_mul" or (n % 2 == 0 and n == w.n_pad and (n // 2) % 16 == 0)
-        kw = dict(config=cfg, interpret=backend == "interpret", out_dtype=out_dtype, reduce=True, norm=norm)
-        if silu_ok:
-            return gptq_matmul(x, w, bias, epilogue=epilogue, residual=residual, **kw)
-        y = gptq_matmul(x, w, bias, **kw)
-    else:
-        if norm is not None:
-            x = rms_norm_from_sumsq(x, *norm)
-        y = _forward(x, w, bias, backend if kernel_dtype else "xla", None, out_dtype)
-    if epilogue == "residual":
-        h = (residual.astype(jnp.float32) + y.astype(jnp.float32)).astype(out_dtype)
-        hf = h.astype(jnp.float32)
-        return h, jnp.sum(hf * hf, axis=-1, keepdims=True)
-    if epilogue == "silu_mul":
-        gate, up = y[:, : n // 2], y[:, n // 2:]
-        return jax.nn.silu(gate) * up  # as the model's MLP (the kernel computes the sigmoid in float32)
-    return y
+    if m == 0:
+        return jnp.zeros((*lead, n), out_dtype)
+    y = _linear_fn(backend if kernel_dtype else "xla", config, out_dtype, bias is not None)(x2, w, bias)
+    return y.reshape(*lead, n)
 
 
 def _forward(x2: jax.Array, w: GPTQWeight, bias, backend: str, config: KernelConfig | None, out_dtype) -> jax.Array:

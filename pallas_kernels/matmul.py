@@ -23,23 +23,6 @@ so the per-weight work is only "extract the code, make it a float, multiply-add"
 With split K > 1 the programs write fp32 partial sums (S, M, N) and XLA adds them (fused with the bias and the
 cast); with S = 1 the kernel writes the output directly.
 
-Fused decode (`reduce`, `norm`, `epilogue`; used by `dispatch.gptq_linear_fused` for the folded decode step):
-a decode step is memory-bound and every extra kernel costs ~1.5-2 us of launch, ramp and tail, so the small XLA
-kernels around each matmul are folded into it:
-
-* reduce: each program still writes its fp32 partial tile, then (after a CTA barrier) increments the tile's
-  completion counter atomically (acquire-release, GPU scope); the program that sees S - 1 is the last one, resets
-  the counter and sums the S partials (from L2; wide loads, all issued at once), adds the bias and writes the
-  tile (`when_last_to_finish`, also used by the decode attention's split combine). The counters are a constant
-  zero buffer passed as an input that every call leaves zero again (`completion_counters`), so they need no
-  state and no memset; it assumes, as XLA's GPU executables do, that kernels sharing it run one after another.
-* norm=(weight, sumsq, eps): x is the residual stream h; the program forms rsqrt(sum(sumsq) / K + eps) from the
-  producer's per-tile sums of squares and multiplies each loaded slice into RMSNorm(h) (as the model's `RMSNorm`:
-  weight * dtype(h * scale)).
-* epilogue="residual": the finishing program writes h' = dtype(residual + dtype(y)) and the tile's sum of
-  squares of h' (what the next norm= reads); "silu_mul": gate tile p and up tile p + N/(2 BN) count on one
-  counter and the last of their 2S programs writes silu(gate) * up.
-
 `reference` is the plain XLA path (dequantize to a dense matrix, then one dot), used on CPU and in tests.
 """
 
@@ -149,14 +132,6 @@ class _Static:
     interpret: bool = False
     h2: bool = False  # fma mode through _h2_asm (x scaled by 2^-h2_exp as it is loaded)
     h2_exp: int = 0
-    # in-kernel split-K reduction and fused epilogues/prologue (module docstring, "Fused decode")
-    reduce: bool = False  # the last program of an output tile sums the S partials and finishes the tile
-    epilogue: str = "none"  # "none" | "residual" | "silu_mul"
-    norm: bool = False  # x is the residual stream: RMSNorm it as it is loaded
-    norm_k: int = 0  # features of the norm (the layer's true K)
-    norm_c: int = 0  # columns of the incoming sum-of-squares partials
-    norm_eps: float = 0.0
-    n_tiles: int = 0  # output column tiles (N_pad / block_n)
 
 
 def _subchunks(bits: int) -> list[tuple[int, int, int, int]]:
@@ -498,18 +473,7 @@ def _kernel(*refs, st: _Static):
     b_ref = None
     if st.has_bias:
         b_ref, rest = rest[0], rest[1:]
-    nw_ref = ss_ref = r_ref = cnt_ref = None
-    if st.norm:
-        nw_ref, ss_ref, rest = rest[0], rest[1], rest[2:]
-    if st.epilogue == "residual":
-        r_ref, rest = rest[0], rest[1:]
-    if st.reduce:
-        cnt_ref, rest = rest[0], rest[1:]
-    # outputs last (an aliased poison input, tests, may sit before them): the main store goes to o_ref (the
-    # (S, M, N) fp32 partials when split), the in-kernel reduction writes fin_refs
-    n_fin = (2 if st.epilogue == "residual" else 1) if st.reduce else 0
-    o_ref = rest[-1 - n_fin]
-    fin_refs = rest[len(rest) - n_fin:] if n_fin else ()
+    o_ref = rest[-1]  # an aliased poison input (tests) may sit before it
 
     bm, bn = cfg.block_m, cfg.block_n
     pid_n, pid_m, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -519,18 +483,6 @@ def _kernel(*refs, st: _Static):
     t_hi = (pid_s + 1) * st.steps // st.splits
     cols = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
     zconst = zero_point(bits)
-
-    def rms_scale(rows_blk: int, m_first):
-        """(rows_blk,) float32 rsqrt(mean(h^2) + eps) of x's rows from the producer's sum-of-squares partials."""
-        r = m_first + jax.lax.broadcasted_iota(jnp.int32, (rows_blk,), 0)  # norm_c: a power of two (wrapper)
-        ss = plgpu.load(ss_ref.at[pl.ds(m_first, rows_blk), pl.ds(0, st.norm_c)], mask=(r < st.m)[:, None], other=0.0)
-        return jax.lax.rsqrt(jnp.sum(ss, axis=1) / st.norm_k + st.norm_eps)
-
-    def normalize(xv, scale, kk, width: int):
-        """RMSNorm of a loaded x slice (.., width) at features kk..: weight * dtype(h * scale), as `RMSNorm`."""
-        kmask = (kk + jax.lax.broadcasted_iota(jnp.int32, (width,), 0)) < st.k
-        w = plgpu.load(nw_ref.at[pl.ds(kk, width)], mask=kmask, other=0) if st.mask_k else nw_ref[pl.ds(kk, width)]
-        return (w[None, :] if xv.ndim == 2 else w) * (xv.astype(jnp.float32) * scale).astype(xv.dtype)
 
     # rows of each plane tile per step (bits 3: lo plane as two 16-row halves, hi plane 16 rows)
     if bits == 3:
@@ -593,20 +545,16 @@ def _kernel(*refs, st: _Static):
     if cfg.mode == "dot":
         rows_m = m0 + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
 
-        x_scale = rms_scale(bm, m0)[:, None] if st.norm else None
-
         def load_x(kk):
             idx = (pl.ds(m0, bm), pl.ds(kk, sub))
             if not (st.mask_m or st.mask_k):
-                xv = x_ref[idx]
-            else:
-                mask = jnp.ones((bm, sub), jnp.bool_)
-                if st.mask_m:
-                    mask = mask & (rows_m < st.m)[:, None]
-                if st.mask_k:
-                    mask = mask & ((kk + jax.lax.broadcasted_iota(jnp.int32, (sub,), 0)) < st.k)[None, :]
-                xv = plgpu.load(x_ref.at[idx], mask=mask, other=0)
-            return normalize(xv, x_scale, kk, sub) if st.norm else xv
+                return x_ref[idx]
+            mask = jnp.ones((bm, sub), jnp.bool_)
+            if st.mask_m:
+                mask = mask & (rows_m < st.m)[:, None]
+            if st.mask_k:
+                mask = mask & ((kk + jax.lax.broadcasted_iota(jnp.int32, (sub,), 0)) < st.k)[None, :]
+            return plgpu.load(x_ref.at[idx], mask=mask, other=0)
 
         use_asm = _asm_ok(st, x_ref.dtype) and not st.interpret
 
@@ -649,23 +597,19 @@ def _kernel(*refs, st: _Static):
         else:
             xcast = lambda v: v.astype(jnp.float32)  # noqa: E731
 
-        row_scale = [jnp.sum(rms_scale(1, m0 + i)) for i in range(bm)] if st.norm else None
-
-        def load_xrow(m, kk, i):
+        def load_xrow(m, kk):
             idx = (m, pl.ds(kk, sub))
             if not (st.mask_m or st.mask_k):
-                xv = x_ref[idx]
-            else:
-                mask = jnp.ones((sub,), jnp.bool_)
-                if st.mask_m:
-                    mask = mask & (m < st.m)
-                if st.mask_k:
-                    mask = mask & ((kk + jax.lax.broadcasted_iota(jnp.int32, (sub,), 0)) < st.k)
-                xv = plgpu.load(x_ref.at[idx], mask=mask, other=0)
-            return xcast(normalize(xv, row_scale[i], kk, sub) if st.norm else xv)
+                return xcast(x_ref[idx])
+            mask = jnp.ones((sub,), jnp.bool_)
+            if st.mask_m:
+                mask = mask & (m < st.m)
+            if st.mask_k:
+                mask = mask & ((kk + jax.lax.broadcasted_iota(jnp.int32, (sub,), 0)) < st.k)
+            return xcast(plgpu.load(x_ref.at[idx], mask=mask, other=0))
 
         def load_step(t):
-            xrows = [[load_xrow(m0 + i, t * step + c[0], i) for c in _subchunks(bits)] for i in range(bm)]
+            xrows = [[load_xrow(m0 + i, t * step + c[0]) for c in _subchunks(bits)] for i in range(bm)]
             return load_tiles(t), xrows
 
         def body(t, loaded, accs):
@@ -722,7 +666,7 @@ def _kernel(*refs, st: _Static):
 
     # epilogue: bias (S = 1 only), cast, masked store
     for val, row in out_rows:
-        if st.has_bias and not st.partial:
+        if st.has_bias:
             bias = b_ref[pl.ds(n0, bn)].astype(jnp.float32)
             val = val + (bias[None, :] if row is None else bias)
         val = val.astype(o_ref.dtype)
@@ -750,113 +694,6 @@ def _kernel(*refs, st: _Static):
             o_ref[idx] = val
         else:
             plgpu.store(o_ref.at[idx], val, mask=mask)
-    if st.reduce:
-        _finish_tile(st, o_ref, b_ref, r_ref, cnt_ref, fin_refs, pid_n, pid_m)
-
-
-def completion_counters(n: int) -> jax.Array:
-    """n int32 completion counters for `when_last_to_finish`: a constant zero buffer (kernel input) that every
-    call leaves zero again, so it needs no state threaded through the caller and no memset kernel. Kernels that
-    share one must run one after another, as XLA's GPU executables run them."""
-    return jnp.asarray(np.zeros(n, np.int32))
-
-
-def when_last_to_finish(cnt_ref, tid, target: int, *, interpret: bool):
-    """Decorator: run the body only in the last of the `target` programs that share counter `tid`.
-
-    Each program, after its stores, increments the counter atomically (acquire-release, GPU scope; a CTA barrier
-    first so every thread's stores are ordered before it); the one that sees target - 1 resets the counter to zero
-    for the next call and runs the body, whose plain loads then see every other program's stores.
-    """
-    if not interpret:
-        plgpu.debug_barrier()
-    old = plgpu.atomic_add(cnt_ref, tid, jnp.int32(1))
-
-    def deco(body):
-        @pl.when(old == target - 1)
-        def _():
-            plgpu.atomic_add(cnt_ref, tid, jnp.int32(-target))  # (the interpreter has no atomic_xchg)
-            body()
-
-    return deco
-
-
-def _sum_chunk(splits: int, rows: int, bn: int) -> int:
-    """Partials per load in the in-kernel reduction: a power of two, at most 2048 fp32 values per load (16
-    registers a thread at 4 warps), at most the next power of two of `splits`."""
-    return max(1, min(1 << (splits - 1).bit_length(), 2048 // (rows * bn)))
-
-
-def _finish_tile(st: _Static, part_ref, b_ref, r_ref, cnt_ref, fin_refs, pid_n, pid_m) -> None:
-    """In-kernel split-K reduction: the last program to finish an output tile sums the tile's S fp32 partials
-    (from L2) and applies the epilogue; the others return.
-
-    A per-tile counter in `cnt_ref` (zero between calls) counts finished programs: each program, after storing
-    its partial tile, increments it atomically (acquire-release, GPU scope, after a CTA barrier so every thread's
-    stores are ordered before it); the program that sees target - 1 is the last, resets the counter to zero for
-    the next call and reads the partials (`when_last_to_finish`). "silu_mul" pairs gate tile p with up tile
-    p + N/2 / BN: both count on one counter, and the last of the 2S programs writes silu(gate) * up.
-    """
-    bm, bn = st.cfg.block_m, st.cfg.block_n
-    m0 = pid_m * bm
-    if st.epilogue == "silu_mul":
-        pairs = st.n_tiles // 2
-        tid, target = pid_m * pairs + pid_n % pairs, 2 * st.splits
-    else:
-        tid, target = pid_m * st.n_tiles + pid_n, st.splits
-    rb = bm  # a power of two (the wrapper rounds fma tiles up when reducing)
-    rows = m0 + jax.lax.broadcasted_iota(jnp.int32, (rb,), 0)
-    rmask = rows < st.m
-    chunk = _sum_chunk(st.splits, rb, bn)
-
-    def tile_sum(c0):
-        """Sum of the tile's S partials (+ bias): loads of `chunk` partials at a time, all issued up front (the
-        loop is unrolled; plain loads: only this program reads the partials, and the counter's acquire orders the
-        other programs' stores before them)."""
-        cols = c0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
-        mask = rmask[:, None] & (cols < st.n)[None, :]
-        sums = []
-        for s0 in range(0, st.splits, chunk):
-            sm = (s0 + jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)) < st.splits
-            v = plgpu.load(part_ref.at[pl.ds(s0, chunk), pl.ds(m0, rb), pl.ds(c0, bn)],
-                           mask=sm[:, None, None] & mask[None], other=0.0)
-            sums.append(jnp.sum(v, axis=0))
-        tot = functools.reduce(jnp.add, sums)
-        if st.has_bias:
-            tot = tot + plgpu.load(b_ref.at[pl.ds(c0, bn)], mask=cols < st.n, other=0).astype(jnp.float32)[None, :]
-        return tot, mask
-
-    od = fin_refs[0].dtype
-
-    @when_last_to_finish(cnt_ref, tid, target, interpret=st.interpret)
-    def _():
-        if st.epilogue == "silu_mul":
-            c0 = (pid_n % (st.n_tiles // 2)) * bn
-            gate, mask = tile_sum(c0)
-            up, _ = tile_sum(c0 + st.n // 2)
-            gate, up = gate.astype(od), up.astype(od)  # the linear's output, then silu(gate) * up in its dtype
-            act = gate * jax.nn.sigmoid(gate.astype(jnp.float32)).astype(od) * up
-            plgpu.store(fin_refs[0].at[pl.ds(m0, rb), pl.ds(c0, bn)], act, mask=mask)
-            return
-        c0 = pid_n * bn
-        y, mask = tile_sum(c0)
-        if st.epilogue == "residual":
-            res = plgpu.load(r_ref.at[pl.ds(m0, rb), pl.ds(c0, bn)], mask=mask, other=0)
-            h = (res.astype(jnp.float32) + y.astype(od).astype(jnp.float32)).astype(od)
-            plgpu.store(fin_refs[0].at[pl.ds(m0, rb), pl.ds(c0, bn)], h, mask=mask)
-            hf = jnp.where(mask, h.astype(jnp.float32), 0.0)
-            plgpu.store(fin_refs[1].at[pl.ds(m0, rb), pid_n], jnp.sum(hf * hf, axis=1), mask=rmask)
-            c_out = fin_refs[1].shape[1]
-            if c_out > st.n_tiles:  # the power-of-two padding columns of the partials: zeros (tile 0 writes them)
-
-                @pl.when(pid_n == 0)
-                def _():
-                    c = jax.lax.broadcasted_iota(jnp.int32, (c_out,), 0)
-                    zmask = rmask[:, None] & (c >= st.n_tiles)[None, :]
-                    plgpu.store(fin_refs[1].at[pl.ds(m0, rb), pl.ds(0, c_out)], jnp.zeros((rb, c_out), jnp.float32),
-                                mask=zmask)
-        else:
-            plgpu.store(fin_refs[0].at[pl.ds(m0, rb), pl.ds(c0, bn)], y.astype(od), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -868,14 +705,9 @@ def weight_operands(w: GPTQWeight) -> list[jax.Array]:
     return [*w.planes, w.scales] + ([] if w.zeros is None else [w.zeros])
 
 
-def poison_output(args: list[jax.Array], out_shape: jax.ShapeDtypeStruct,
-                  out_index: int = 0) -> tuple[list[jax.Array], dict[int, int]]:
-    """Append a NaN-filled buffer aliased to output `out_index` (tests: a tile the kernel fails to write stays
-    NaN)."""
-    return [*args, jnp.full(out_shape.shape, jnp.nan, out_shape.dtype)], {len(args): out_index}
-
-
-Epilogue = Literal["none", "residual", "silu_mul"]
+def poison_output(args: list[jax.Array], out_shape: jax.ShapeDtypeStruct) -> tuple[list[jax.Array], dict[int, int]]:
+    """Append a NaN-filled buffer aliased to the output (tests: a tile the kernel fails to write stays NaN)."""
+    return [*args, jnp.full(out_shape.shape, jnp.nan, out_shape.dtype)], {len(args): 0}
 
 
 def gptq_matmul(
@@ -887,73 +719,35 @@ def gptq_matmul(
     interpret: bool = False,
     out_dtype=None,
     poison: bool = False,
-    reduce: bool = False,
-    norm: tuple[jax.Array, jax.Array, float] | None = None,
-    epilogue: Epilogue = "none",
-    residual: jax.Array | None = None,
-):
+) -> jax.Array:
     """Pallas kernel: x (M, K) fp16/bf16 -> x @ dequant(w) + bias, (M, N) in out_dtype (default x.dtype).
 
     interpret=True runs the kernel in Pallas' interpreter (CPU tests); arrays are then padded to whole blocks so
     the interpreter never slices out of bounds, while the kernel's masks still use the true M, K and N.
     poison=True pre-fills the kernel's output buffer with NaN (aliased input), so a tile the kernel fails to
     write shows up in the result (tests).
-
-    Fused decode (module docstring): reduce=True sums split-K partials inside the kernel (no XLA sum);
-    norm=(weight (K,), sumsq (M, C) float32, eps) makes x the residual stream h and multiplies
-    RMSNorm(h) = weight * dtype(h * rsqrt(sum(sumsq, 1) / K + eps)) instead (C a power of two; sumsq as the
-    "residual" epilogue writes it); epilogue="residual" (needs residual (M, N)) returns
-    (h = dtype(residual + y), sum-of-squares partials of h (M, C) float32), epilogue="silu_mul" (columns
-    [gate | up], N/2 a multiple of the block) returns silu(gate) * up (M, N/2). Both imply reduce=True.
     """
     if x.ndim != 2 or x.shape[1] != w.in_features:
         raise ValueError(f"x must have shape (M, K={w.in_features}), got {x.shape}")
     if x.dtype not in (jnp.float16, jnp.bfloat16):
         raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
-    if epilogue not in ("none", "residual", "silu_mul"):
-        raise ValueError(f"epilogue={epilogue!r}: use 'none', 'residual' or 'silu_mul'")
     cfg = config
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     m, k = x.shape
     n, kp, np_ = w.out_features, w.k_pad, w.n_pad
-    if (epilogue == "residual") != (residual is not None):
-        raise ValueError("residual= is required with epilogue='residual' and only then")
-    if residual is not None and residual.shape != (m, n):
-        raise ValueError(f"residual must have shape (M, N) = {(m, n)}, got {residual.shape}")
-    if epilogue == "silu_mul":
-        if n % 2 or n != np_:
-            raise ValueError(f"epilogue='silu_mul' needs an even N without padding, got N={n} (padded {np_})")
-        bn = cfg.block_n
-        while (n // 2) % bn and bn > 16:
-            bn //= 2
-        if (n // 2) % bn:
-            raise ValueError(f"epilogue='silu_mul' needs N/2 = {n // 2} to be a multiple of 16")
-        cfg = dataclasses.replace(cfg, block_n=bn)
-    if norm is not None:
-        nw, ss_in, eps = norm
-        c_in = ss_in.shape[-1] if ss_in.ndim == 2 else 0
-        if nw.shape != (k,) or ss_in.shape != (m, c_in) or c_in & (c_in - 1) or not c_in:
-            raise ValueError(f"norm needs weight (K,) = ({k},) and sumsq (M, C) = ({m}, C), C a power of two; got "
-                             f"{nw.shape} and {ss_in.shape}")
-    reduce = reduce or epilogue != "none"
-    if reduce and cfg.block_m & (cfg.block_m - 1):  # fma tiles of 3, 5..7 rows: whole power-of-two row blocks
-        cfg = dataclasses.replace(cfg, block_m=1 << (cfg.block_m - 1).bit_length())
     bm, bn = cfg.block_m, cfg.block_n
     if np_ % bn:
         raise ValueError(f"block_n={bn} does not divide the padded N={np_}")
     steps = w.num_steps
     splits = max(1, min(cfg.split_k, steps))
-    partial = splits > 1 or reduce
-    n_tiles = np_ // bn
-    c_out = 1 << (n_tiles - 1).bit_length()
+    partial = splits > 1
 
     h2 = cfg.mode == "fma" and cfg.convert == "h2" and _half2_magic_ok(w.bits, x.dtype)
     h2 = h2 and (interpret or _inline_asm_multi is not None)
     h2_exp = _h2_exp(w.bits, x.dtype) if h2 else 0
-    nw = None if norm is None else norm[0].astype(x.dtype)
     if w.perm is not None:  # act-order: kernel row i is feature perm[i]; the gather and the K pad fuse
-        x = jnp.pad(jnp.take(x, w.perm, axis=1), ((0, 0), (0, kp - k)))
-        nw = None if nw is None else jnp.pad(jnp.take(nw, w.perm), (0, kp - k))
+        x = jnp.take(x, w.perm, axis=1)
+        x = jnp.pad(x, ((0, 0), (0, kp - k)))
         k_eff = kp
     else:
         k_eff = k
@@ -961,8 +755,6 @@ def gptq_matmul(
     mp = m_tiles * bm
     if interpret:  # whole blocks for the interpreter
         x = jnp.pad(x, ((0, mp - m), (0, kp - x.shape[1])))
-        nw = None if nw is None else jnp.pad(nw, (0, kp - nw.shape[0]))
-        residual = None if residual is None else jnp.pad(residual, ((0, mp - m), (0, np_ - n)))
         out_m, out_n = mp, np_
     else:
         out_m, out_n = m, n
@@ -976,7 +768,7 @@ def gptq_matmul(
         steps=steps,
         splits=splits,
         has_zeros=w.zeros is not None,
-        has_bias=bias is not None and (reduce or not partial),
+        has_bias=bias is not None and not partial,
         partial=partial,
         mask_k=k_eff != kp,
         mask_m=m % bm != 0,
@@ -985,51 +777,26 @@ def gptq_matmul(
         interpret=interpret,
         h2=h2,
         h2_exp=h2_exp,
-        reduce=reduce,
-        epilogue=epilogue,
-        norm=norm is not None,
-        norm_k=k,
-        norm_c=0 if norm is None else norm[1].shape[1],
-        norm_eps=0.0 if norm is None else float(norm[2]),
-        n_tiles=n_tiles,
     )
     args = [x, *weight_operands(w)]
     if st.has_bias:
         args.append(jnp.pad(jnp.asarray(bias), (0, np_ - n)))
-    if norm is not None:
-        ss_in = norm[1].astype(jnp.float32)
-        args += [nw, jnp.pad(ss_in, ((0, mp - m), (0, 0))) if interpret else ss_in]
-    if residual is not None:
-        args.append(residual.astype(out_dtype))
-    if reduce:
-        args.append(completion_counters(n_tiles * m_tiles))
-    s_rows = splits  # the in-kernel reduction loads whole chunks of partials: room for the last one
-    if reduce:
-        chunk = _sum_chunk(splits, bm, cfg.block_n)
-        s_rows = -(-splits // chunk) * chunk
-    main = jax.ShapeDtypeStruct((s_rows, out_m, out_n) if partial else (out_m, out_n),
-                                jnp.float32 if partial else out_dtype)
-    fin: list[jax.ShapeDtypeStruct] = []
-    if reduce:
-        fin.append(jax.ShapeDtypeStruct((out_m, out_n // 2 if epilogue == "silu_mul" else out_n), out_dtype))
-        if epilogue == "residual":
-            fin.append(jax.ShapeDtypeStruct((out_m, c_out), jnp.float32))
-    out_shape = (main, *fin) if fin else main
-    args, aliases = poison_output(args, fin[0] if fin else main, 1 if fin else 0) if poison else (args, {})
+    if partial:
+        out_shape = jax.ShapeDtypeStruct((splits, out_m, out_n), jnp.float32)
+    else:
+        out_shape = jax.ShapeDtypeStruct((out_m, out_n), out_dtype)
+    args, aliases = poison_output(args, out_shape) if poison else (args, {})
 
     call = pl.pallas_call(
         functools.partial(_kernel, st=st),
         out_shape=out_shape,
-        grid=(n_tiles, m_tiles, splits),
+        grid=(np_ // bn, m_tiles, splits),
         input_output_aliases=aliases,
         compiler_params=None if interpret else compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=interpret,
-        name=f"gptq{w.bits}_{cfg.mode}" + ("" if epilogue == "none" else f"_{epilogue}"),
+        name=f"gptq{w.bits}_{cfg.mode}",
     )
     out = call(*args)
-    if reduce:
-        y = out[1][:m, : (n // 2 if epilogue == "silu_mul" else n)]
-        return (y, out[2][:m]) if epilogue == "residual" else y
     if partial:
         y = jnp.sum(out, axis=0)[:m, :n]
         if bias is not None:

@@ -79,16 +79,14 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[f"b{c[0]}h{c[1]}kv{c[2]}d{c[3]}s{c[4]}t{c[5]}w{c[6]}sp{c[7]}"
                                              f"{jnp.dtype(c[8]).name}" for c in CASES])
-@pytest.mark.parametrize("backend,combine", [(BACKEND, False), (BACKEND, True), ("xla", False)],
-                         ids=[f"{BACKEND}", f"{BACKEND}-combine_in_kernel", "xla"])
-def test_decode_attention_matches_float64(case, backend, combine):
-    """combine_in_kernel: the splits' partial results combined by the last program of each (row, kv head)."""
+@pytest.mark.parametrize("backend", [BACKEND, "xla"])
+def test_decode_attention_matches_float64(case, backend):
     b, nh, kv, d, s, start, window, splits, dtype, pads = case
     qkv, cos, sin, kc, vc, valid = make_case(0, b, nh, kv, d, s, start, dtype, pads)
     ref, kref, vref = numpy_decode(qkv, cos, sin, kc, vc, valid, start, window, nh)
     out, k2, v2 = jax.jit(
         lambda *a: decode_attention(*a, jnp.int32(start), window, num_heads=nh, backend=backend,
-                                    config=AttentionConfig(block_k=32, splits=splits, combine_in_kernel=combine))
+                                    config=AttentionConfig(block_k=32, splits=splits))
     )(qkv, cos, sin, jnp.array(kc, copy=True), jnp.array(vc, copy=True), valid)
     assert out.shape == (b, nh, d) and out.dtype == qkv.dtype
     o = np.asarray(out, np.float64)
@@ -141,8 +139,8 @@ def test_bad_input():
         decode_attention(qkv, cos, sin, kc, vc, valid, jnp.int32(2), num_heads=4, backend="cuda")
 
 
-@pytest.mark.parametrize("splits,combine", [(1, False), (None, False), (None, True)])
-def test_kernel_lowers_for_cuda(splits, combine):
+@pytest.mark.parametrize("splits", [1, None])
+def test_kernel_lowers_for_cuda(splits):
     """The Triton lowering (done by JAX itself, no GPU needed) accepts the kernel: catches lowering errors on CPU."""
     from pallas_kernels.attention import decode_attention_pallas
 
@@ -151,7 +149,6 @@ def test_kernel_lowers_for_cuda(splits, combine):
     kc = jax.ShapeDtypeStruct((2, 100, 3, 64), jnp.float16)
     valid = jax.ShapeDtypeStruct((2, 100), jnp.int32)
     f = jax.jit(lambda qkv, cos, sin, kc, vc, valid: decode_attention_pallas(
-        qkv, cos, sin, kc, vc, valid, jnp.int32(7), 16, num_heads=9,
-        config=AttentionConfig(splits=splits, combine_in_kernel=combine)))
+        qkv, cos, sin, kc, vc, valid, jnp.int32(7), 16, num_heads=9, config=AttentionConfig(splits=splits)))
     text = f.trace(qkv, cos, cos, kc, kc, valid).lower(lowering_platforms=("cuda",)).as_text()
     assert "decode_attention" in text

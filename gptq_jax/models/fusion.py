@@ -135,16 +135,8 @@ def _owners(model: nnx.Module):
                 yield ".".join(str(p) for p in path), m, fused_name, names
 
 
-def fuse_projections(model: nnx.Module, *, fold_decode: bool = False) -> FusionReport:
-    """Fuse every attention's q/k/v and every MLP's gate/up in place (see the module docstring).
-
-    fold_decode: also set the model's `fold_decode` (gptq_jax.models.llama.LlamaModel): decode steps of blocks whose
-    four linears are quantized then run `LlamaDecoderLayer.decode_fused` (norms, residual adds, SiLU and the
-    split-K sums folded into the Pallas kernels; a model with any other block keeps the ordinary path).
-    """
-    for _, m in nnx.iter_modules(model):
-        if hasattr(m, "fold_decode"):
-            m.fold_decode = bool(fold_decode)
+def fuse_projections(model: nnx.Module) -> FusionReport:
+    """Fuse every attention's q/k/v and every MLP's gate/up in place (see the module docstring)."""
     fused, skipped = 0, []
     for where, m, fused_name, names in list(_owners(model)):
         if getattr(m, fused_name) is not None:
@@ -162,10 +154,7 @@ def fuse_projections(model: nnx.Module, *, fold_decode: bool = False) -> FusionR
 
 
 def unfuse_projections(model: nnx.Module) -> int:
-    """Undo `fuse_projections` in place (and clear `fold_decode`); returns how many fused linears were split back."""
-    for _, m in nnx.iter_modules(model):
-        if hasattr(m, "fold_decode"):
-            m.fold_decode = False
+    """Undo `fuse_projections` in place; returns how many fused linears were split back."""
     count = 0
     for _, m, fused_name, names in list(_owners(model)):
         one = getattr(m, fused_name)

@@ -43,10 +43,8 @@ from jax.typing import DTypeLike
 
 from gptq_jax.models.config import SLIDING_ATTENTION, ModelConfig, rope_frequencies
 from gptq_jax.models.linear import Linear, LinearLike
-from pallas_kernels.attention import (AttentionConfig, apply_rotary, attention_reference, cache_attention_mask,
-                                      decode_attention, split_qkv, write_cache)
-
-_FOLDED_ATTENTION = AttentionConfig(combine_in_kernel=True)  # the folded decode step: no XLA split combine
+from pallas_kernels.attention import (apply_rotary, attention_reference, cache_attention_mask, decode_attention,
+                                      split_qkv, write_cache)
 
 
 class StateDictError(ValueError):
@@ -247,34 +245,6 @@ class LlamaDecoderLayer(nnx.Module):
         h = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def fused_decode_ready(self) -> bool:
-        """Whether `decode_fused` can run this block: fused q/k/v and gate/up projections, and all four linears
-        offering `fused` (QuantLinear), none capturing its input."""
-        lins = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
-        return all(lin is not None and hasattr(lin, "fused") and not lin.capture_input for lin in lins)
-
-    def decode_fused(self, hidden: jax.Array, sumsq: jax.Array, positions: jax.Array, kv_valid: jax.Array,
-                     cache: LayerCache, start: jax.Array) -> tuple[jax.Array, jax.Array, LayerCache]:
-        """One decode step of the block with norms, residual adds and SiLU folded into its four linears (on a GPU
-        four Pallas matmuls and the attention kernel, which also combines its cache splits; no other kernel but
-        the rotary table; `QuantLinear.fused`).
-
-        hidden (B, hidden): the residual stream of the new token; sumsq (B, C) float32: partial sums of squares
-        of hidden's rows (what the input norm needs); positions (B, 1); kv_valid, cache, start as `cached`.
-        Returns (hidden, sumsq, cache) for the next block. Same arithmetic as `cached` with T = 1.
-        """
-        attn, mlp, norm1, norm2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        b = hidden.shape[0]
-        cos, sin = rotary_cos_sin(self.config, positions)
-        qkv = attn.qkv_proj.fused(hidden, norm=(norm1.weight[...], sumsq, norm1.eps))
-        out, k_cache, v_cache = decode_attention(qkv, cos[:, 0], sin[:, 0], *cache, kv_valid, start,
-                                                 self.sliding_window, num_heads=attn.num_heads,
-                                                 config=_FOLDED_ATTENTION)
-        hidden, sumsq = attn.o_proj.fused(out.reshape(b, -1), epilogue="residual", residual=hidden)
-        act = mlp.gate_up_proj.fused(hidden, norm=(norm2.weight[...], sumsq, norm2.eps), epilogue="silu_mul")
-        hidden, sumsq = mlp.down_proj.fused(act, epilogue="residual", residual=hidden)
-        return hidden, sumsq, (k_cache, v_cache)
-
     def cached(self, hidden: jax.Array, positions: jax.Array, kv_valid: jax.Array, cache: LayerCache,
                start: jax.Array) -> tuple[jax.Array, LayerCache]:
         """One block through its KV cache: hidden (B, T, hidden); positions (B, T) int (rotary); kv_valid (B, S)
@@ -294,7 +264,6 @@ class LlamaModel(nnx.Module):
             [LlamaDecoderLayer(config, i, rngs=rngs, **kw) for i in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
-        self.fold_decode = False  # decode steps through LlamaDecoderLayer.decode_fused (fusion.fuse_projections)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
@@ -308,19 +277,9 @@ class LlamaModel(nnx.Module):
 
     def cached(self, input_ids: jax.Array, positions: jax.Array, kv_valid: jax.Array,
                caches: tuple[LayerCache, ...], start: jax.Array) -> tuple[jax.Array, tuple[LayerCache, ...]]:
-        """`LlamaDecoderLayer.cached` over every layer -> (final-norm hidden (B, T, hidden), caches). A decode step
-        (T = 1) goes through `decode_fused` instead when `fold_decode` is set and every block is
-        `fused_decode_ready`."""
+        """`LlamaDecoderLayer.cached` over every layer -> (final-norm hidden (B, T, hidden), caches)."""
         h = self.embed_tokens(input_ids)
         out = []
-        if self.fold_decode and input_ids.shape[1] == 1 and all(layer.fused_decode_ready() for layer in self.layers):
-            h = h[:, 0]
-            hf = h.astype(jnp.float32)
-            sumsq = jnp.sum(hf * hf, axis=-1, keepdims=True)
-            for layer, cache in zip(self.layers, caches, strict=True):
-                h, sumsq, cache = layer.decode_fused(h, sumsq, positions, kv_valid, cache, start)
-                out.append(cache)
-            return self.norm(h[:, None]), tuple(out)
         for layer, cache in zip(self.layers, caches, strict=True):
             h, cache = layer.cached(h, positions, kv_valid, cache, start)
             out.append(cache)

@@ -41,7 +41,7 @@ from jax.typing import DTypeLike
 from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.linear import INPUTS, LinearLike, get_submodule, replace_linear
 from gptq_jax.models.llama import LlamaForCausalLM, StateDictError
-from pallas_kernels.dispatch import gptq_linear, gptq_linear_fused
+from pallas_kernels.dispatch import gptq_linear
 from converters.packing import pack_cols, pack_rows, qzeros_v2_to_v1
 from pallas_kernels.gptq_layout import GPTQWeight, dequantize, prepare, unprepare
 
@@ -173,17 +173,6 @@ class QuantLinear(nnx.Module):
             self.sow(nnx.Intermediate, INPUTS, x)
         bias = None if self.bias is None else self.bias[...]
         return gptq_linear(x.astype(self.dtype), self.weight(), bias, out_dtype=self.out_dtype or self.dtype)
-
-    def fused(self, x: jax.Array, *, norm: tuple[jax.Array, jax.Array, float] | None = None,
-              epilogue: str = "none", residual: jax.Array | None = None):
-        """Decode-step call with the neighbouring operations folded in (`pallas_kernels.dispatch.
-        gptq_linear_fused`: on a GPU one Pallas kernel): x (M, in_features); norm=(RMSNorm weight, sum-of-squares
-        partials (M, C), eps) to normalise x (the residual stream) first; epilogue "residual" (with residual
-        (M, out_features)) -> (residual + y, its sum-of-squares partials), "silu_mul" -> silu(gate) * up of the
-        [gate | up] columns, "none" -> y. Inference only."""
-        bias = None if self.bias is None else self.bias[...]
-        return gptq_linear_fused(x.astype(self.dtype), self.weight(), bias, norm=norm, epilogue=epilogue,
-                                 residual=residual, out_dtype=self.out_dtype or self.dtype)
 
     def to_torch_tensors(self) -> dict[str, np.ndarray]:
         """{"qweight", "qzeros", "scales", "g_idx"[, "bias"]} as numpy in the AutoGPTQ layout, zero points encoded
