@@ -69,8 +69,6 @@ class KernelConfig:
       buffer; steps_per_iter is then ignored).
     swap_ab: "dot" only: compute the transposed product, W tile^T (BN, K) x x^T (K, BM), so the dequantized
       weight is the dot's first operand (which Hopper's wgmma can take from registers) and x the second.
-    gather_x: act-order weights: the kernel reads x[:, perm[i]] itself (gather loads), instead of an XLA gather
-      of x in front of the kernel.
     """
 
     mode: Literal["dot", "fma"] = "dot"
@@ -84,7 +82,6 @@ class KernelConfig:
     evict_first: bool = True
     prefetch: bool = False
     swap_ab: bool = False
-    gather_x: bool = True
 
     def __post_init__(self):
         if self.mode not in ("dot", "fma"):
@@ -135,7 +132,6 @@ class _Static:
     interpret: bool = False
     h2: bool = False  # fma mode through _h2_asm (x scaled by 2^-h2_exp as it is loaded)
     h2_exp: int = 0
-    gather: bool = False  # x is read through perm (act-order): operand after x, int32 (K_pad,)
 
 
 def _subchunks(bits: int) -> list[tuple[int, int, int, int]]:
@@ -469,9 +465,6 @@ def _kernel(*refs, st: _Static):
     step, sub = STEP_ROWS[bits], SUB_ROWS[bits]
     nplanes = 2 if bits == 3 else 1
     x_ref, *rest = refs
-    perm_ref = None
-    if st.gather:
-        perm_ref, rest = rest[0], rest[1:]
     plane_refs, rest = rest[:nplanes], rest[nplanes:]
     s_ref, rest = rest[0], rest[1:]
     z_ref = None
@@ -553,17 +546,6 @@ def _kernel(*refs, st: _Static):
         rows_m = m0 + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
 
         def load_x(kk):
-            if st.gather:  # rows clamped into x, columns through perm; out-of-range entries zeroed after the load
-                rows = jnp.minimum(rows_m, st.m - 1)[:, None]
-                v = x_ref[rows, perm_ref[pl.ds(kk, sub)][None, :]]
-                if st.mask_m or st.mask_k:
-                    keep = jnp.ones((bm, sub), jnp.bool_)
-                    if st.mask_m:
-                        keep = keep & (rows_m < st.m)[:, None]
-                    if st.mask_k:
-                        keep = keep & ((kk + jax.lax.broadcasted_iota(jnp.int32, (sub,), 0)) < st.k)[None, :]
-                    v = jnp.where(keep, v, jnp.zeros_like(v))
-                return v
             idx = (pl.ds(m0, bm), pl.ds(kk, sub))
             if not (st.mask_m or st.mask_k):
                 return x_ref[idx]
@@ -616,16 +598,6 @@ def _kernel(*refs, st: _Static):
             xcast = lambda v: v.astype(jnp.float32)  # noqa: E731
 
         def load_xrow(m, kk):
-            if st.gather:  # columns through perm; out-of-range entries zeroed after the load
-                v = x_ref[jnp.minimum(m, st.m - 1), perm_ref[pl.ds(kk, sub)]]
-                if st.mask_m or st.mask_k:
-                    keep = jnp.ones((sub,), jnp.bool_)
-                    if st.mask_m:
-                        keep = keep & (m < st.m)
-                    if st.mask_k:
-                        keep = keep & ((kk + jax.lax.broadcasted_iota(jnp.int32, (sub,), 0)) < st.k)
-                    v = jnp.where(keep, v, jnp.zeros_like(v))
-                return xcast(v)
             idx = (m, pl.ds(kk, sub))
             if not (st.mask_m or st.mask_k):
                 return xcast(x_ref[idx])
@@ -773,8 +745,7 @@ def gptq_matmul(
     h2 = cfg.mode == "fma" and cfg.convert == "h2" and _half2_magic_ok(w.bits, x.dtype)
     h2 = h2 and (interpret or _inline_asm_multi is not None)
     h2_exp = _h2_exp(w.bits, x.dtype) if h2 else 0
-    gather = w.perm is not None and cfg.gather_x
-    if w.perm is not None and not gather:  # act-order: kernel row i is feature perm[i]; the gather and the K pad fuse
+    if w.perm is not None:  # act-order: kernel row i is feature perm[i]; the gather and the K pad fuse
         x = jnp.take(x, w.perm, axis=1)
         x = jnp.pad(x, ((0, 0), (0, kp - k)))
         k_eff = kp
@@ -782,9 +753,8 @@ def gptq_matmul(
         k_eff = k
     m_tiles = -(-m // bm)
     mp = m_tiles * bm
-    if interpret and not gather:  # whole blocks for the interpreter (gather loads index x in bounds)
+    if interpret:  # whole blocks for the interpreter
         x = jnp.pad(x, ((0, mp - m), (0, kp - x.shape[1])))
-    if interpret:
         out_m, out_n = mp, np_
     else:
         out_m, out_n = m, n
@@ -807,9 +777,8 @@ def gptq_matmul(
         interpret=interpret,
         h2=h2,
         h2_exp=h2_exp,
-        gather=gather,
     )
-    args = [x, *([jnp.pad(w.perm, (0, kp - k))] if gather else []), *weight_operands(w)]
+    args = [x, *weight_operands(w)]
     if st.has_bias:
         args.append(jnp.pad(jnp.asarray(bias), (0, np_ - n)))
     if partial:
