@@ -82,7 +82,6 @@ class KernelConfig:
     evict_first: bool = True
     prefetch: bool = False
     swap_ab: bool = False
-    atomic: bool = False  # EXPERIMENT: split-K partials atomically added into a zeroed fp32 output
 
     def __post_init__(self):
         if self.mode not in ("dot", "fma"):
@@ -133,7 +132,6 @@ class _Static:
     interpret: bool = False
     h2: bool = False  # fma mode through _h2_asm (x scaled by 2^-h2_exp as it is loaded)
     h2_exp: int = 0
-    atomic: bool = False
 
 
 def _subchunks(bits: int) -> list[tuple[int, int, int, int]]:
@@ -690,9 +688,6 @@ def _kernel(*refs, st: _Static):
                     mask = mask & (m0 + row < st.m)
                 if st.mask_n:
                     mask = mask & (cols < st.n)
-        if st.atomic:
-            plgpu.atomic_add(o_ref, idx, val, mask=mask)
-            continue
         if st.partial:
             idx = (pid_s, *idx)
         if mask is None:
@@ -782,20 +777,15 @@ def gptq_matmul(
         interpret=interpret,
         h2=h2,
         h2_exp=h2_exp,
-        atomic=partial and cfg.atomic,
     )
     args = [x, *weight_operands(w)]
     if st.has_bias:
         args.append(jnp.pad(jnp.asarray(bias), (0, np_ - n)))
-    if partial and cfg.atomic:
-        out_shape = jax.ShapeDtypeStruct((out_m, out_n), jnp.float32)
-        args, aliases = [*args, jnp.zeros((out_m, out_n), jnp.float32)], {len(args): 0}
-    elif partial:
+    if partial:
         out_shape = jax.ShapeDtypeStruct((splits, out_m, out_n), jnp.float32)
     else:
         out_shape = jax.ShapeDtypeStruct((out_m, out_n), out_dtype)
-    if not (partial and cfg.atomic):
-        args, aliases = poison_output(args, out_shape) if poison else (args, {})
+    args, aliases = poison_output(args, out_shape) if poison else (args, {})
 
     call = pl.pallas_call(
         functools.partial(_kernel, st=st),
@@ -807,8 +797,6 @@ def gptq_matmul(
         name=f"gptq{w.bits}_{cfg.mode}",
     )
     out = call(*args)
-    if partial and cfg.atomic:
-        return out[:m, :n].astype(out_dtype)
     if partial:
         y = jnp.sum(out, axis=0)[:m, :n]
         if bias is not None:
