@@ -344,14 +344,16 @@ def cmd_bench_generate(args: argparse.Namespace) -> dict:
         raise ValueError(f"--batch-sizes {args.batch_sizes!r}: batch sizes must be >= 1")
     if args.random_config and args.model:
         raise ValueError("give either MODEL or --random-config, not both")
+    if args.act_order and not args.random_config:
+        raise ValueError("--act-order shapes --random-config's GPTQ variant; a checkpoint keeps its own g_idx")
 
     def variants():
         if args.random_config:
             config = gen.random_config(args.random_config)
             yield f"dense {dtype}", lambda: gen.random_model(config, dtype=dtype, seed=args.seed)
-            yield (f"gptq {args.bits}-bit g{args.group_size}",
+            yield (f"gptq {args.bits}-bit g{args.group_size}" + (" act-order" if args.act_order else ""),
                    lambda: gen.random_model(config, dtype=dtype, bits=args.bits, group_size=args.group_size,
-                                            seed=args.seed))
+                                            act_order=args.act_order, seed=args.seed))
         else:
             loaded = model_io.load_model(args.model, dtype=dtype)
             holder = [loaded.model]  # handed over once, so the bench loop holds the only reference
@@ -575,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(dense and GPTQ variants)")
     bg.add_argument("--bits", type=int, default=4, help="bits of the random GPTQ variant (default 4)")
     bg.add_argument("--group-size", type=int, default=128, help="group size of the random GPTQ variant")
+    bg.add_argument("--act-order", action="store_true",
+                    help="the random GPTQ variant with act-order g_idx (a random permutation per layer, as desc_act "
+                         "checkpoints have: such layers are not fused)")
     bg.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default 1)")
     bg.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     bg.add_argument("--new-tokens", type=int, default=256, help="new tokens (default 256)")

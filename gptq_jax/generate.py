@@ -520,13 +520,17 @@ def _v1_sym_qzeros(groups: int, n: int, bits: int) -> np.ndarray:
 
 
 def random_model(config: ModelConfig, *, dtype: Any = jnp.float16, bits: int | None = None, group_size: int = 128,
-                 seed: int = 0) -> LlamaForCausalLM:
+                 act_order: bool = False, seed: int = 0) -> LlamaForCausalLM:
     """A model with random weights created on the default device (normal(0.02) dense weights, unit norms).
 
     bits: None -> dense linears; 2/3/4/8 -> every decoder linear is a QuantLinear with random codes, symmetric
     v1 zero points and fp16 scales giving weights of about the same spread (lm_head and embeddings stay dense).
+    act_order: every quantized linear gets its own random act-order g_idx (groups assigned in a permuted column
+    order, as desc_act checkpoints have), so the kernels read x through a permutation.
     No dense copy of a quantized layer is ever created.
     """
+    if act_order and bits is None:
+        raise GenerateError("act_order needs a quantized model (bits)")
     dt = jnp.dtype(dtype)
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)))
     key = jax.random.PRNGKey(seed)
@@ -547,6 +551,8 @@ def random_model(config: ModelConfig, *, dtype: Any = jnp.float16, bits: int | N
             std_codes = (2 ** bits) / math.sqrt(12.0)
             scales = (jax.random.uniform(ks, (g, n), jnp.float32, 0.5, 1.5) * (0.02 / std_codes)).astype(jnp.float16)
             g_idx = jnp.arange(k, dtype=jnp.int32) // gs
+            if act_order:
+                g_idx = jax.random.permutation(jax.random.fold_in(key, 20_000 + i), g_idx)
             q = QuantLinear(qweight, qz_cache[(g, n)], scales, g_idx, None, bits=bits, checkpoint_format="gptq",
                             dtype=dt, out_dtype=getattr(lin, "out_dtype", None))
             replace_linear(model, name, q)

@@ -376,6 +376,33 @@ def test_cli_bench_generate_random_tiny(capsys):
     assert all(r["fused_projections"] == 2 * layers for r in rows), rows
 
 
+def test_random_model_act_order_gives_every_linear_its_own_permutation():
+    config = G.random_config("tiny")
+    model = G.random_model(config, dtype=jnp.float32, bits=4, group_size=32, act_order=True, seed=1)
+    quant = [m for _, m in nnx.iter_modules(model) if isinstance(m, QuantLinear)]
+    assert len(quant) == 7 * config.num_hidden_layers
+    perms = [np.asarray(q.perm[...]) for q in quant]
+    for q, perm in zip(quant, perms):
+        assert sorted(perm.tolist()) == list(range(q.in_features))  # a permutation of the input features
+        assert not np.array_equal(perm, np.arange(q.in_features))  # a non-trivial one
+    assert len({p.tobytes() for p in perms}) == len(perms)  # each layer its own
+    with pytest.raises(G.GenerateError, match="act_order needs a quantized model"):
+        G.random_model(config, act_order=True)
+
+
+def test_cli_bench_generate_act_order(capsys):
+    code, lines = _run_cli(capsys, ["bench-generate", "--random-config", "tiny", "--batch-sizes", "1",
+                                    "--prompt-len", "8", "--new-tokens", "4", "--dtype", "float32", "--json",
+                                    "--quiet", "--repeats", "1", "--group-size", "32", "--act-order"])
+    rows = json.loads(lines[-1])["rows"]
+    assert code == 0 and [r["variant"] for r in rows] == ["dense float32", "gptq 4-bit g32 act-order"]
+    layers = G.random_config("tiny").num_hidden_layers
+    # act-order layers each read x through their own permutation, so none of them fuse; the dense ones do
+    assert [r["fused_projections"] for r in rows] == [2 * layers, 0], rows
+    code, lines = _run_cli(capsys, ["bench-generate", str(STORIES_HF), "--act-order", "--json", "--quiet"])
+    assert code == 2 and "--act-order" in json.loads(lines[-1])["error"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # SmolLM2 vs transformers (the real model)
 
