@@ -47,16 +47,11 @@ def xla_backend():
     import gptq_jax.models.llama as llama
     import gptq_jax.models.quant_linear as ql
 
-    patched = []
-    for mod, name in ((ql, "gptq_linear"), (dispatch, "gptq_linear"), (llama, "decode_attention")):
-        fn = getattr(mod, name, None)
-        if fn is not None:
-            patched.append((mod, name, fn))
-            setattr(mod, name, functools.partial(fn, backend="xla"))
-    if not any(mod is ql for mod, _, _ in patched) and "dispatch" not in vars(ql):
-        raise RuntimeError("QuantLinear does not call pallas_kernels.dispatch.gptq_linear; nothing to compare")
-    if not any(mod is llama for mod, _, _ in patched):
-        raise RuntimeError("the model does not call decode_attention; nothing to compare")
+    # the names the model's modules call (an AttributeError here means they no longer do: nothing to compare)
+    patched = [(mod, name, getattr(mod, name))
+               for mod, name in ((ql, "gptq_linear"), (dispatch, "gptq_linear"), (llama, "decode_attention"))]
+    for mod, name, fn in patched:
+        setattr(mod, name, functools.partial(fn, backend="xla"))
     gen._EXECUTABLES.clear()  # the compiled executables captured the other path
     try:
         yield
@@ -137,8 +132,8 @@ def main(argv=None) -> int:
                 report = fuse_projections(model)
                 assert not report.skipped, report.skipped
             jax.block_until_ready(jax.tree_util.tree_leaves(nnx.state(model)))
-            variant = ("fp16" if bits is None else f"gptq{bits}-g{GROUPS[name]}") + ("+act" if act else "") + \
-                ("+fused" if fused else "")
+            variant = (("fp16" if bits is None else f"gptq{bits}-g{GROUPS[name]}") + ("+act" if act else "")
+                       + ("+fused" if fused else ""))
             batches = per_config.get(name, per_config.get("*", [1]))
             for r in gen.bench_generate(model, batch_sizes=batches, prompt_len=args.prompt_len,
                                         new_tokens=args.new_tokens, repeats=args.repeats):
