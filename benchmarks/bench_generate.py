@@ -61,12 +61,17 @@ def xla_backend():
         gen._EXECUTABLES.clear()
 
 
-def pallas_vs_xla(config_name: str = "smollm2-135m", layers: int = 4, new_tokens: int = 48) -> dict:
-    """Greedy tokens of a random 4-bit model (the config's shapes, `layers` layers): Pallas path vs XLA reference
-    path (fp16, a batch of 4 left-padded prompts of different lengths)."""
+def pallas_vs_xla(config_name: str = "smollm2-135m", layers: int = 4, new_tokens: int = 48,
+                  act_order: bool = False) -> dict:
+    """Greedy tokens of a random 4-bit model (the config's shapes, `layers` layers; act_order: every linear with its
+    own permutation; q/k/v and gate/up fused, as `gptq-jax generate` runs it): Pallas path vs XLA reference path (fp16, a batch of 4 left-padded
+    prompts of different lengths)."""
     config = dataclasses.replace(gen.random_config(config_name), num_hidden_layers=layers,
                                  layer_types=("full_attention",) * layers)
-    model = gen.random_model(config, dtype=jnp.float16, bits=4, group_size=GROUPS[config_name], seed=1)
+    model = gen.random_model(config, dtype=jnp.float16, bits=4, group_size=GROUPS[config_name], seed=1,
+                             act_order=act_order)
+    report = fuse_projections(model)  # as `gptq-jax generate` runs a model
+    assert report.fused == 2 * layers and not report.skipped, report
     emb = model.model.embed_tokens.weight  # (tied) logits with a wide spread: no near-ties for fp16 noise to flip
     emb.set_value(emb.get_value() * 25)
     rng = np.random.default_rng(1)
@@ -77,7 +82,7 @@ def pallas_vs_xla(config_name: str = "smollm2-135m", layers: int = 4, new_tokens
         xla, _, _ = gen.generate_ids(model, prompts, max_new_tokens=new_tokens, eos_token_ids=())
     same = sum(a == b for pa, xa in zip(pallas, xla) for a, b in zip(pa, xa))
     first_diff = [next((j for j, (a, b) in enumerate(zip(pa, xa)) if a != b), None) for pa, xa in zip(pallas, xla)]
-    return {"config": f"{config_name} ({layers} layers)", "tokens": len(prompts) * new_tokens, "same_tokens": int(same),
+    return {"config": f"{config_name} ({layers} layers{', act-order' if act_order else ''})", "tokens": len(prompts) * new_tokens, "same_tokens": int(same),
             "equal": pallas == xla, "first_difference_per_row": first_diff}
 
 
@@ -93,8 +98,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fused", action="store_true",
                     help="also time each variant with q/k/v and gate/up fused (gptq_jax.models.fusion)")
     ap.add_argument("--variants", default=None,
-                    help="comma-separated subset of fp16, gptq, fp16+fused, gptq+fused, gptq+act (every linear with "
-                    "its own random act-order permutation; default: fp16 and gptq, plus their fused forms with --fused)")
+                    help="comma-separated subset of fp16, gptq, fp16+fused, gptq+fused, gptq+act, gptq+act+fused "
+                    "(act: every linear with its own random act-order permutation; default: fp16 and gptq, plus "
+                    "their fused forms with --fused)")
     ap.add_argument("--skip-check", action="store_true", help="skip the Pallas vs XLA greedy-token check")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -106,12 +112,13 @@ def main(argv=None) -> int:
     out: dict = {"device": str(jax.devices()[0]), "jax": jax.__version__, "prompt_len": args.prompt_len,
                  "new_tokens": args.new_tokens, "date": time.strftime("%Y-%m-%d")}
     if not args.skip_check:
-        t0 = time.perf_counter()
-        try:
-            out["pallas_vs_xla"] = pallas_vs_xla()
-        except Exception as e:  # report and go on to the timings
-            out["pallas_vs_xla"] = {"error": f"{type(e).__name__}: {e}"}
-        print("pallas vs xla:", out["pallas_vs_xla"], f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        for key, act in (("pallas_vs_xla", False), ("pallas_vs_xla_act_order", True)):
+            t0 = time.perf_counter()
+            try:
+                out[key] = pallas_vs_xla(act_order=act)
+            except Exception as e:  # report and go on to the timings
+                out[key] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{key}:", out[key], f"({time.perf_counter() - t0:.0f} s)", flush=True)
     bw = gen.copy_bandwidth(1 << 30 if jax.default_backend() == "gpu" else 1 << 26)
     out["copy_bandwidth_GBps"] = bw / 1e9
     print(f"copy bandwidth: {bw / 1e9:.0f} GB/s", flush=True)
@@ -119,7 +126,8 @@ def main(argv=None) -> int:
     for name in args.configs.split(","):
         config = gen.random_config(name)
         known = {"fp16": (None, False, False), "gptq": (args.bits, False, False), "fp16+fused": (None, True, False),
-                 "gptq+fused": (args.bits, True, False), "gptq+act": (args.bits, False, True)}
+                 "gptq+fused": (args.bits, True, False), "gptq+act": (args.bits, False, True),
+                 "gptq+act+fused": (args.bits, True, True)}
         names = args.variants.split(",") if args.variants else list(known)[:4 if args.fused else 2]
         bad = [v for v in names if v not in known]
         if bad:

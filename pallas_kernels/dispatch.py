@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.gptq_layout import GPTQWeight
+from pallas_kernels.gptq_layout import GPTQWeight, part_starts
 from pallas_kernels.matmul import KernelConfig, gptq_matmul, reference
 from pallas_kernels.matmul_t import KernelConfigT, gptq_matmul_t, reference_t
 
@@ -82,7 +82,8 @@ def choose_config(w: GPTQWeight, m: int, table: tuple[Rule, ...] = TABLE) -> Ker
         return None
     cfg = rule.config
     bn = cfg.block_n
-    while w.n_pad % bn:
+    starts = part_starts(w)
+    while w.n_pad % bn or any(s % bn for s in starts):  # a column block never straddles two parts
         bn //= 2
     if cfg.mode == "fma":
         bm = min(m, 8)

@@ -9,6 +9,8 @@ AutoGPTQ layout (shared/docs/gptq-reference.md 1.1-1.4; K = in_features, N = out
 Kernel layout (`GPTQWeight`), built by `prepare`:
   * act-order: rows are sorted by g_idx (stable, as ExLlamaV2's `make_sequential`, reference 4.3) so every group
     is a contiguous run of `group_size` rows; `perm` (K,) is that order, and the kernels read x[:, perm].
+    Several act-order layers joined column by column (fused q/k/v, gate/up: gptq_jax.models.fusion) keep their
+    own orders: `parts` holds the parts' column widths and `perm` is (P, K), row p for the columns of part p.
   * K is padded to a multiple of the step `STEP_ROWS[b]` (zero codes; the kernels mask or zero-pad x there), N
     to a multiple of `N_ALIGN` (the output is cut back to N).
   * codes are re-packed so that one step of `STEP_ROWS[b]` rows is a (rows, Np) int32 tile whose bit field j holds
@@ -43,6 +45,7 @@ CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 STEP_ROWS = {2: 256, 3: 512, 4: 128, 8: 128}
 SUB_ROWS = {2: 16, 3: 16, 4: 16, 8: 32}
 N_ALIGN = 128
+PART_ALIGN = 16  # column boundaries of a multi-permutation weight's parts: multiples of the smallest kernel block
 
 # v1 -> v2 zero points: +1 in every field by word arithmetic (GPTQModel's exact inverse, reference 1.4; the same
 # convention as converters.packing.qzeros_v1_to_v2). Equal to the per-field "+1" whenever no field underflowed.
@@ -53,6 +56,10 @@ __all__ = [
     "STEP_ROWS",
     "SUB_ROWS",
     "N_ALIGN",
+    "PART_ALIGN",
+    "pad_columns",
+    "part_starts",
+    "split_parts",
     "GPTQWeight",
     "prepare",
     "unprepare",
@@ -71,8 +78,11 @@ class GPTQWeight:
     planes: int32 code planes, bits 2/4/8: ((Kp*bits/32, Np),); bits 3: ((Kp/16, Np) low bits, (Kp/32, Np) high).
     scales: (Gp, Np) float16 (or float32), per group and output column.
     zeros: (Gp, Np) float16 integer zero points, or None for symmetric (every zero point 2^(bits-1)).
-    perm: int32 (K,) activation permutation (kernel row i is input feature perm[i]), or None (identity).
+    perm: int32 (K,) activation permutation (kernel row i is input feature perm[i]), or None (identity); with
+      `parts`, (P, K): columns of part p read x[:, perm[p]].
     bits, group_size (-1: one group for all of K), in_features K, out_features N: static.
+    parts: () or the column widths of P >= 2 parts with their own permutations (static; part boundaries are
+      multiples of PART_ALIGN so that every kernel column block lies in one part).
     """
 
     planes: tuple[jax.Array, ...]
@@ -83,6 +93,7 @@ class GPTQWeight:
     group_size: int = dataclasses.field(metadata=dict(static=True))
     in_features: int = dataclasses.field(metadata=dict(static=True))
     out_features: int = dataclasses.field(metadata=dict(static=True))
+    parts: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
     @property
     def k_pad(self) -> int:
@@ -104,6 +115,32 @@ class GPTQWeight:
     def group_of_row(self, k: int) -> int:
         """Group index of kernel-layout row k (static helper)."""
         return 0 if self.group_size == -1 else k // self.group_size
+
+
+def pad_columns(a: jax.Array) -> jax.Array:
+    """Pad a kernel-layout array's columns (axis 1) to a multiple of N_ALIGN with zeros (padding columns are never
+    written to the output)."""
+    return jnp.pad(a, ((0, 0), (0, -a.shape[1] % N_ALIGN)))
+
+
+def part_starts(w: GPTQWeight) -> tuple[int, ...]:
+    """First output column of every part after the first (() for a weight with one permutation or none)."""
+    return tuple(int(v) for v in np.cumsum(w.parts)[:-1]) if w.parts else ()
+
+
+def split_parts(w: GPTQWeight) -> list[GPTQWeight]:
+    """A multi-permutation weight -> one ordinary weight per part (columns sliced, each with its own perm); an
+    ordinary weight -> [w]. Exact: columns are independent in the kernel layout."""
+    if not w.parts:
+        return [w]
+    edges = np.cumsum([0, *w.parts])
+    out = []
+    for p, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+        cols = lambda x: pad_columns(x[:, a:b])  # noqa: E731
+        out.append(GPTQWeight(planes=tuple(cols(q) for q in w.planes), scales=cols(w.scales),
+                              zeros=None if w.zeros is None else cols(w.zeros), perm=w.perm[p], bits=w.bits,
+                              group_size=w.group_size, in_features=w.in_features, out_features=int(b - a)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,7 +303,8 @@ def zero_point(bits: int) -> float:
 
 
 def dequantize(w: GPTQWeight) -> jax.Array:
-    """XLA reference: kernel layout -> dense W (Kp, Np) float32 in kernel row order (padding rows/cols included)."""
+    """XLA reference: kernel layout -> dense W (Kp, Np) float32 in kernel row order (padding rows/cols included;
+    a multi-permutation weight's columns each in their own part's row order)."""
     codes = unpack_codes(w).astype(jnp.float32)
     kp, np_ = w.k_pad, w.n_pad
     gs = kp if w.group_size == -1 else w.group_size
@@ -373,6 +411,8 @@ def unprepare(w: GPTQWeight) -> dict[str, np.ndarray]:
     checkpoint's (original) order and zero points resolved (symmetric layers: 2^(bits-1)); scales keep the kernel's
     dtype. Packing these with the AutoGPTQ packer (converters.packing) rebuilds the checkpoint tensors `prepare`
     was given."""
+    if w.parts:
+        raise ValueError("unprepare needs a weight with one permutation: split a fused weight first (split_parts)")
     k, n = w.in_features, w.out_features
     codes = np.asarray(unpack_codes(w))[:k, :n]
     g = np.arange(k) // (k if w.group_size == -1 else w.group_size)

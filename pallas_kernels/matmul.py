@@ -23,6 +23,11 @@ so the per-weight work is only "extract the code, make it a float, multiply-add"
 With split K > 1 the programs write fp32 partial sums (S, M, N) and XLA adds them (fused with the bias and the
 cast); with S = 1 the kernel writes the output directly.
 
+Act-order: the wrapper gathers x's columns into the layout's sorted row order (one XLA gather, fused with the K
+pad). The kernel reads x stacked as (P, M, K): P = 1, or one row set per part of a fused weight whose parts keep
+their own permutations (`GPTQWeight.parts`); a column block lies inside one part (block_n divides the part
+boundaries) and reads that part's rows.
+
 `reference` is the plain XLA path (dequantize to a dense matrix, then one dot), used on CPU and in tests.
 """
 
@@ -38,7 +43,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gptq_layout import STEP_ROWS, SUB_ROWS, GPTQWeight, dequantize, zero_point
+from pallas_kernels.gptq_layout import (STEP_ROWS, SUB_ROWS, GPTQWeight, dequantize, part_starts, split_parts,
+                                        zero_point)
 
 __all__ = ["KernelConfig", "gptq_matmul", "reference", "compiler_params"]
 
@@ -132,6 +138,7 @@ class _Static:
     interpret: bool = False
     h2: bool = False  # fma mode through _h2_asm (x scaled by 2^-h2_exp as it is loaded)
     h2_exp: int = 0
+    part_starts: tuple[int, ...] = ()  # first column of parts 1.. (x is stacked per part: (P, M, K))
 
 
 def _subchunks(bits: int) -> list[tuple[int, int, int, int]]:
@@ -483,6 +490,9 @@ def _kernel(*refs, st: _Static):
     t_hi = (pid_s + 1) * st.steps // st.splits
     cols = n0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0)
     zconst = zero_point(bits)
+    part = jnp.int32(0)  # which of x's stacked row sets this column block reads (multi-permutation weights)
+    for start in st.part_starts:
+        part = part + (n0 >= start).astype(jnp.int32)
 
     # rows of each plane tile per step (bits 3: lo plane as two 16-row halves, hi plane 16 rows)
     if bits == 3:
@@ -546,7 +556,7 @@ def _kernel(*refs, st: _Static):
         rows_m = m0 + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
 
         def load_x(kk):
-            idx = (pl.ds(m0, bm), pl.ds(kk, sub))
+            idx = (part, pl.ds(m0, bm), pl.ds(kk, sub))
             if not (st.mask_m or st.mask_k):
                 return x_ref[idx]
             mask = jnp.ones((bm, sub), jnp.bool_)
@@ -598,7 +608,7 @@ def _kernel(*refs, st: _Static):
             xcast = lambda v: v.astype(jnp.float32)  # noqa: E731
 
         def load_xrow(m, kk):
-            idx = (m, pl.ds(kk, sub))
+            idx = (part, m, pl.ds(kk, sub))
             if not (st.mask_m or st.mask_k):
                 return xcast(x_ref[idx])
             mask = jnp.ones((sub,), jnp.bool_)
@@ -738,6 +748,9 @@ def gptq_matmul(
     bm, bn = cfg.block_m, cfg.block_n
     if np_ % bn:
         raise ValueError(f"block_n={bn} does not divide the padded N={np_}")
+    starts = part_starts(w)
+    if any(s_ % bn for s_ in starts):
+        raise ValueError(f"block_n={bn} does not divide the part boundaries {starts} of this fused weight")
     steps = w.num_steps
     splits = max(1, min(cfg.split_k, steps))
     partial = splits > 1
@@ -746,15 +759,17 @@ def gptq_matmul(
     h2 = h2 and (interpret or _inline_asm_multi is not None)
     h2_exp = _h2_exp(w.bits, x.dtype) if h2 else 0
     if w.perm is not None:  # act-order: kernel row i is feature perm[i]; the gather and the K pad fuse
-        x = jnp.take(x, w.perm, axis=1)
-        x = jnp.pad(x, ((0, 0), (0, kp - k)))
+        x = jnp.take(x, w.perm, axis=1)  # (M, K), or (M, P, K) for a multi-permutation weight
+        x = jnp.moveaxis(x, 1, 0) if w.parts else x[None]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, kp - k)))
         k_eff = kp
     else:
+        x = x[None]
         k_eff = k
     m_tiles = -(-m // bm)
     mp = m_tiles * bm
     if interpret:  # whole blocks for the interpreter
-        x = jnp.pad(x, ((0, mp - m), (0, kp - x.shape[1])))
+        x = jnp.pad(x, ((0, 0), (0, mp - m), (0, kp - x.shape[2])))
         out_m, out_n = mp, np_
     else:
         out_m, out_n = m, n
@@ -777,6 +792,7 @@ def gptq_matmul(
         interpret=interpret,
         h2=h2,
         h2_exp=h2_exp,
+        part_starts=starts,
     )
     args = [x, *weight_operands(w)]
     if st.has_bias:
@@ -817,6 +833,12 @@ def reference(
     k, n, kp = w.in_features, w.out_features, w.k_pad
     if x.shape[-1] != k:
         raise ValueError(f"x must have last dimension K={k}, got {x.shape}")
+    if w.parts:  # each part through its own permutation
+        y = jnp.concatenate([reference(x, wp, out_dtype=jnp.float32, dense_dtype=dense_dtype)
+                             for wp in split_parts(w)], axis=-1)
+        if bias is not None:
+            y = y + jnp.asarray(bias).astype(jnp.float32)
+        return y.astype(out_dtype)
     if w.perm is not None:
         x = jnp.take(x, w.perm, axis=-1)
     dense = dequantize(w)[:k, :n]

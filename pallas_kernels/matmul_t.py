@@ -27,9 +27,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.gptq_layout import STEP_ROWS, SUB_ROWS, GPTQWeight, dequantize, zero_point
+from pallas_kernels.gptq_layout import STEP_ROWS, SUB_ROWS, GPTQWeight, dequantize, split_parts, zero_point
 from pallas_kernels.matmul import (_code_int, _groups_in_step, _magic_f32, _subchunks, compiler_params,
                                    poison_output, weight_operands)
 
@@ -113,6 +114,14 @@ def unpermute(dx_sorted: jax.Array, w: GPTQWeight) -> jax.Array:
     return jnp.zeros_like(dx_sorted).at[..., w.perm].set(dx_sorted)
 
 
+def _sum_over_parts(fn, dy: jax.Array, w: GPTQWeight, out_dtype) -> jax.Array:
+    """dy @ dequant(w)^T of a multi-permutation weight: the sum over its parts of fn(dy's part columns, part weight,
+    float32), each part in its own feature order (gptq_layout.split_parts)."""
+    edges = np.cumsum([0, *w.parts])
+    parts = [fn(dy[..., a:b], wp, jnp.float32) for a, b, wp in zip(edges[:-1], edges[1:], split_parts(w))]
+    return functools.reduce(jnp.add, parts).astype(out_dtype)
+
+
 def gptq_matmul_t(
     dy: jax.Array,
     w: GPTQWeight,
@@ -134,6 +143,9 @@ def gptq_matmul_t(
         raise ValueError(f"dy must be float16 or bfloat16, got {dy.dtype}")
     cfg = config
     out_dtype = jnp.dtype(out_dtype or dy.dtype)
+    if w.parts:
+        return _sum_over_parts(lambda d, wp, od: gptq_matmul_t(d, wp, config=config, interpret=interpret,
+                                                                out_dtype=od, poison=poison), dy, w, out_dtype)
     m, n = dy.shape
     k, kp, np_ = w.in_features, w.k_pad, w.n_pad
     bm = min(cfg.block_m, max(16, 1 << (max(m, 1) - 1).bit_length()))
@@ -173,6 +185,9 @@ def reference_t(dy: jax.Array, w: GPTQWeight, *, out_dtype=None, dense_dtype=Non
     k, n = w.in_features, w.out_features
     if dy.shape[-1] != n:
         raise ValueError(f"dy must have last dimension N={n}, got {dy.shape}")
+    if w.parts:
+        return _sum_over_parts(lambda d, wp, od: reference_t(d, wp, out_dtype=od, dense_dtype=dense_dtype), dy, w,
+                               out_dtype)
     dense = dequantize(w)[:k, :n]
     if dense_dtype is not None:
         dense, dyin, precision = dense.astype(dense_dtype), dy.astype(dense_dtype), None

@@ -9,7 +9,7 @@ from flax import nnx
 
 from converters.packing import pack_gptq_layer
 from gptq_jax.models.config import ModelConfig
-from gptq_jax.models.fusion import fuse_projections, unfuse_projections
+from gptq_jax.models.fusion import concatenate_linears, fuse_projections, split_linear, unfuse_projections
 from gptq_jax.models.linear import iter_linears, replace_linear
 from gptq_jax.models.llama import LlamaForCausalLM, model_to_state_dict
 from gptq_jax.models.quant_linear import QuantLinear
@@ -19,16 +19,18 @@ CONFIG = dict(model_type="qwen2", vocab_size=256, hidden_size=128, intermediate_
               tie_word_embeddings=False, rope_theta=10000.0)
 
 
-def quantize_all(model, bits: int, act_order_layer: str | None = None, seed: int = 0, sym_suffix: str = "") -> None:
-    """Replace every decoder linear by a random GPTQ layer (group 32, asym, v2); one layer with act-order; layers
-    whose name ends with sym_suffix symmetric (every zero point 2^(bits-1): the kernel layout then holds none)."""
+def quantize_all(model, bits: int, act_order_layers: set[str] = frozenset(), seed: int = 0,
+                 sym_suffix: str = "") -> None:
+    """Replace every decoder linear by a random GPTQ layer (group 32, asym, v2); the named layers with act-order
+    (each its own permutation); layers whose name ends with sym_suffix symmetric (every zero point 2^(bits-1): the
+    kernel layout then holds none)."""
     rng = np.random.default_rng(seed)
     for name, lin in list(iter_linears(model)):
         if ".layers." not in name:
             continue
         k, n = lin.in_features, lin.out_features
         g_idx = np.arange(k) // 32
-        if name == act_order_layer:
+        if name in act_order_layers:
             g_idx = g_idx[rng.permutation(k)]
         codes = rng.integers(0, 2**bits, (n, k))
         zeros = rng.integers(1, 2**bits, (n, k // 32))
@@ -72,12 +74,42 @@ def test_fused_model_computes_the_same_and_unfuses_exactly(quantized):
         np.testing.assert_array_equal(after[k], before[k], err_msg=k)
 
 
-def test_act_order_layers_with_their_own_permutation_stay_separate():
+def test_act_order_layers_fuse_with_their_own_permutations():
+    """Act-order q/k/v and gate/up with their own permutations (and one part without act-order beside them) fuse:
+    the fused weight keeps one permutation per part; outputs unchanged; unfusing restores every tensor exactly."""
     model = LlamaForCausalLM(ModelConfig.from_hf(CONFIG), rngs=nnx.Rngs(1))
-    quantize_all(model, 4, act_order_layer="model.layers.1.self_attn.k_proj")
+    act = {f"model.layers.{i}.{n}" for i in (0, 1) for n in ("self_attn.q_proj", "self_attn.v_proj",
+                                                             "mlp.gate_proj", "mlp.up_proj")}
+    act.add("model.layers.1.self_attn.k_proj")
+    quantize_all(model, 4, act_order_layers=act)
     ids = jnp.asarray(np.arange(16)[None], jnp.int32)
     ref = np.asarray(model(ids))
+    before = model_to_state_dict(model)
     report = fuse_projections(model)
-    assert report.fused == 3
-    assert len(report.skipped) == 1 and "layers.1.self_attn" in report.skipped[0] and "g_idx" in report.skipped[0]
+    assert report.fused == 4 and report.skipped == ()
+    qkv0 = model.model.layers[0].self_attn.qkv_proj.weight()
+    assert qkv0.parts == (128, 64, 64) and qkv0.perm.shape == (3, 128)
+    assert bool(jnp.array_equal(qkv0.perm[1], jnp.arange(128)))  # layer 0's k_proj has no act-order
+    assert model.model.layers[1].mlp.gate_up_proj.weight().parts == (192, 192)
     np.testing.assert_allclose(np.asarray(model(ids)), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    assert unfuse_projections(model) == 4
+    assert model.model.layers[0].self_attn.k_proj.perm is None
+    after = model_to_state_dict(model)
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+
+
+def test_act_order_part_boundaries_off_the_kernel_grid_stay_separate():
+    """Parts with their own permutations need boundaries on multiples of 16 columns; concatenate_linears says so."""
+    rng = np.random.default_rng(0)
+    lins = []
+    for _ in range(2):
+        g_idx = (np.arange(64) // 32)[rng.permutation(64)]
+        t = pack_gptq_layer(rng.integers(0, 16, (64, 64)), rng.uniform(0.01, 0.02, (64, 2)).astype(np.float32),
+                            np.full((64, 2), 8), g_idx, 4, "gptq_v2")
+        lins.append(QuantLinear(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4,
+                                checkpoint_format="gptq_v2"))
+    first_40 = split_linear(lins[0], [40, 24])[0]  # a 40-column act-order layer
+    assert concatenate_linears(lins).weight().parts == (64, 64)
+    with pytest.raises(ValueError, match="multiples of 16 columns, got \\[40\\]"):
+        concatenate_linears([first_40, lins[1]])

@@ -330,11 +330,11 @@ def test_cli_generate_gptq_checkpoint_and_bad_checkpoint(capsys, tmp_path):
     assert code == 0 and res["tokens"] == G.generate_ids(dmodel, [ids], max_new_tokens=8,
                                                          eos_token_ids=(2,))[0][0]
     assert res["fused_projections"] is None
-    # fused by default: act-order layers with their own permutations stay separate (0 fused here), same tokens
+    # fused by default: act-order layers keep their own permutations inside the fused weights, same tokens
     code, lines = _run_cli(capsys, ["generate", str(ckpt), "--prompt", PROMPTS[0], "--max-new-tokens", "8",
                                     "--json", "--quiet"])
     fused = json.loads(lines[-1])
-    assert code == 0 and fused["tokens"] == res["tokens"] and fused["fused_projections"] == 0, fused
+    assert code == 0 and fused["tokens"] == res["tokens"] and fused["fused_projections"] == 4, fused
     # ... and a checkpoint without act-order fuses both groups of both layers, with the same tokens
     _, dense_s, (_, hf_s, layers_s, other_s) = _random_gptq_model(4, 32, False, seed=3)
     ckpt_s = write_gptq_checkpoint(tmp_path / "seq", hf_s, {**qcfg, "desc_act": False}, layers_s, other_s,
@@ -397,8 +397,8 @@ def test_cli_bench_generate_act_order(capsys):
     rows = json.loads(lines[-1])["rows"]
     assert code == 0 and [r["variant"] for r in rows] == ["dense float32", "gptq 4-bit g32 act-order"]
     layers = G.random_config("tiny").num_hidden_layers
-    # act-order layers each read x through their own permutation, so none of them fuse; the dense ones do
-    assert [r["fused_projections"] for r in rows] == [2 * layers, 0], rows
+    # act-order layers fuse too (each part keeps its own permutation)
+    assert [r["fused_projections"] for r in rows] == [2 * layers, 2 * layers], rows
     code, lines = _run_cli(capsys, ["bench-generate", str(STORIES_HF), "--act-order", "--json", "--quiet"])
     assert code == 2 and "--act-order" in json.loads(lines[-1])["error"]
 

@@ -14,6 +14,7 @@ correctness suite (tests/gpu/run_gpu_tests.sh).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -213,7 +214,7 @@ def _call_with_grid_cut(x, w):
     st = G._Static(bits=4, group_size=w.group_size, m=x.shape[0], k=x.shape[1], n=w.out_features,
                    steps=w.num_steps, splits=1, has_zeros=False, has_bias=False, partial=False, mask_k=False,
                    mask_m=True, mask_n=False, cfg=cfg)
-    xp = jnp.pad(x, ((0, 16 - x.shape[0]), (0, 0)))
+    xp = jnp.pad(x, ((0, 16 - x.shape[0]), (0, 0)))[None]  # the kernel reads x stacked per part: (1, M, K)
     out = jax.ShapeDtypeStruct((16, w.n_pad), x.dtype)
     poison = jnp.full(out.shape, jnp.nan, x.dtype)
     call = pl.pallas_call(functools.partial(G._kernel, st=st), out_shape=out, grid=(1, 1, 1),
@@ -301,3 +302,62 @@ def test_kernel_argument_errors():
         KernelConfig(mode="fma", block_m=1, convert="magic")
     with pytest.raises(ValueError, match="in_features"):
         gptq_linear(jnp.zeros((2, 100), jnp.float16), w)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# multi-permutation weights: act-order layers with their own permutations fused column by column
+
+
+def fused_act_order_weight(bits: int, k: int, widths: tuple[int, ...], group: int):
+    """q/k/v-like parts joined by gptq_jax.models.fusion (part 1 without act-order, the others with their own
+    permutations) -> (GPTQWeight with parts, W64 (K, sum widths))."""
+    from gptq_jax.models.fusion import concatenate_linears
+    from gptq_jax.models.quant_linear import QuantLinear
+
+    lins, w64s = [], []
+    for i, n in enumerate(widths):
+        t, w64 = make_layer(11 * bits + i, bits, k, n, group, i == 2, i != 1, "gptq_v2")
+        lins.append(QuantLinear(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=bits,
+                                checkpoint_format="gptq_v2"))
+        w64s.append(w64)
+    w = concatenate_linears(lins).weight()
+    assert w.parts == widths and w.perm.shape == (len(widths), k)
+    return w, np.concatenate(w64s, axis=1)
+
+
+FUSED_CASES = [(4, 1, "fma-h2", "fp16"), (4, 3, "dot-asm", "bf16"), (8, 2, "fma-pos", "fp16"),
+               (3, 16, "dot-magic", "fp16"), (2, 1, "fma-shift", "bf16")]
+
+
+@pytest.mark.parametrize("bits,m,cfg_name,dtype", FUSED_CASES, ids=[f"b{b}-m{m}-{c}-{d}" for b, m, c, d in FUSED_CASES])
+def test_kernel_multi_permutation_weight(bits, m, cfg_name, dtype):
+    """Every column block reads the x rows of its own part (boundaries 64 and 96: blocks of 32 columns)."""
+    k = 512 if bits == 3 else 256
+    w, w64 = fused_act_order_weight(bits, k, (64, 32, 64), 128 if bits == 3 else 64)
+    cfg = dataclasses.replace(dict(KERNEL_CONFIGS)[cfg_name], block_n=32)
+    x = rand_x(m, m, k, DTYPES[dtype])
+    bias = jnp.asarray(np.random.default_rng(4).standard_normal(160) * 0.1, DTYPES[dtype])
+    check(KERNEL(x, w, bias, config=cfg, interpret=INTERPRET, poison=True), x, w64, dtype, bias)
+    check(G.reference(x, w, bias, out_dtype=jnp.float32), x, w64, dtype, bias)
+    bn = D.choose_config(w, m).block_n
+    assert 64 % bn == 0 and 96 % bn == 0
+    with pytest.raises(ValueError, match="part boundaries"):
+        G.gptq_matmul(x, w, config=dataclasses.replace(cfg, block_n=64), interpret=True)
+
+
+def test_multi_permutation_backward_and_dispatch():
+    """dX = dY @ W^T of a multi-permutation weight (each part in its own feature order, summed), through the
+    transposed kernel, its reference and gptq_linear's VJP."""
+    from pallas_kernels.matmul_t import gptq_matmul_t, reference_t
+
+    w, w64 = fused_act_order_weight(4, 256, (64, 32, 64), 64)
+    dy = rand_x(9, 3, 160, jnp.float16)
+    ref = np.asarray(dy, np.float64) @ w64.T
+    for dx in (gptq_matmul_t(dy, w, interpret=True, poison=True, out_dtype=jnp.float32),
+               reference_t(dy, w, out_dtype=jnp.float32)):
+        np.testing.assert_allclose(np.asarray(dx, np.float64), ref, rtol=0, atol=2e-3 * np.abs(ref).max())
+    x = rand_x(10, 3, 256, jnp.float16)
+    y, vjp = jax.vjp(lambda v: gptq_linear(v, w, backend="interpret"), x)
+    check(y, x, w64, "fp16")
+    (dx,) = vjp(dy)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), ref, rtol=0, atol=5e-3 * np.abs(ref).max())

@@ -6,11 +6,14 @@ A decoder layer calls seven linears per token; at batch 1 each is a separate, sh
 runs four matmuls; the attention and MLP split the fused output back (gptq_jax/models/llama.py). The numbers do
 not change: every output column is computed from the same weights as before.
 
-Dense `Linear`s always fuse. `QuantLinear`s fuse when they agree on bits, checkpoint format, group size and input
-order (the same act-order permutation or none: no act-order, GAR, or act-order with static groups; act-order
-layers with their own permutations stay separate, counted in the result). Their kernel-layout arrays (codes,
-scales, zero points) are concatenated column by column on the device, exact for every bit width, with no
-repacking; a symmetric part next to asymmetric ones gets its constant zero points written out.
+Dense `Linear`s always fuse. `QuantLinear`s fuse when they agree on bits, checkpoint format and group size. Their
+kernel-layout arrays (codes, scales, zero points) are concatenated column by column on the device, exact for every
+bit width, with no repacking; a symmetric part next to asymmetric ones gets its constant zero points written out.
+Parts with the same input order (no act-order, GAR, act-order with static groups, or one shared permutation) share
+it; act-order parts with their own permutations (the usual act-order checkpoint) keep them: the fused weight holds
+one permutation per part (`GPTQWeight.parts`), the kernel gathers x once per part into a stacked (P, M, K) input and
+every column block reads its own part's rows. That needs part boundaries on multiples of 16 columns (true of every
+LLaMA-family shape; a model where it is not keeps those layers separate, counted in the result).
 
 A fused model is for inference (`generate`, `eval`): saving refuses it and LoRA finds no q/k/v to target;
 `unfuse_projections` restores the original modules exactly.
@@ -27,7 +30,7 @@ from flax import nnx
 
 from gptq_jax.models.linear import Linear
 from gptq_jax.models.quant_linear import QuantLinear
-from pallas_kernels.gptq_layout import N_ALIGN, GPTQWeight, zero_point
+from pallas_kernels.gptq_layout import PART_ALIGN, GPTQWeight, pad_columns, zero_point
 
 __all__ = ["FusionReport", "fuse_projections", "unfuse_projections", "concatenate_linears", "split_linear"]
 
@@ -56,9 +59,9 @@ def concatenate_linears(parts: list) -> Linear | QuantLinear:
             if len({getattr(p, attr) for p in parts}) != 1:
                 raise ValueError(f"{attr} differs")
         ws = [p.weight() for p in parts]
-        if len({w.perm is None for w in ws}) != 1 or (
-                ws[0].perm is not None and not all(bool(jnp.array_equal(w.perm, ws[0].perm)) for w in ws)):
-            raise ValueError("g_idx differs (act-order layers with their own permutations)")
+        if any(w.parts for w in ws):
+            raise ValueError("a part is itself a fused weight")
+        perm, widths = _shared_permutation(ws)
         zp = zero_point(first.bits)
         zeros = None if all(w.zeros is None for w in ws) else [
             jnp.full(w.scales.shape, zp, jnp.float16) if w.zeros is None else w.zeros for w in ws]
@@ -66,8 +69,8 @@ def concatenate_linears(parts: list) -> Linear | QuantLinear:
             planes=tuple(_concat_columns([w.planes[i] for w in ws], ws) for i in range(len(ws[0].planes))),
             scales=_concat_columns([w.scales for w in ws], ws),
             zeros=None if zeros is None else _concat_columns(zeros, ws),
-            perm=ws[0].perm, bits=first.bits, group_size=first.group_size, in_features=first.in_features,
-            out_features=n)
+            perm=perm, bits=first.bits, group_size=first.group_size, in_features=first.in_features,
+            out_features=n, parts=widths)
         bias = None if first.bias is None else jnp.concatenate([p.bias[...] for p in parts])
         return QuantLinear(bias=bias, bits=first.bits, checkpoint_format=first.checkpoint_format, dtype=first.dtype,
                            out_dtype=first.out_dtype, weight=w, scales_dtype=first.scales_dtype)
@@ -84,16 +87,27 @@ def concatenate_linears(parts: list) -> Linear | QuantLinear:
     raise ValueError(f"cannot fuse {type(first).__name__} layers")
 
 
-def _pad_columns(a: jax.Array) -> jax.Array:
-    """Pad a kernel-layout array's columns (axis 1) to a multiple of N_ALIGN with zeros (padding columns are never
-    written to the output)."""
-    return jnp.pad(a, ((0, 0), (0, -a.shape[1] % N_ALIGN)))
+def _shared_permutation(ws: list[GPTQWeight]) -> tuple[jax.Array | None, tuple[int, ...]]:
+    """(perm, parts) of the fused weight: the one permutation the parts share (or None) and no parts, or, when
+    they differ, their permutations stacked (P, K) (identity for a part without act-order) and the part widths."""
+    if all(w.perm is None for w in ws):
+        return None, ()
+    k = ws[0].in_features
+    perms = [jnp.arange(k, dtype=jnp.int32) if w.perm is None else w.perm for w in ws]
+    if all(bool(jnp.array_equal(p, perms[0])) for p in perms):
+        return perms[0], ()
+    widths = tuple(w.out_features for w in ws)
+    bad = [int(e) for e in np.cumsum(widths)[:-1] if e % PART_ALIGN]
+    if bad:
+        raise ValueError(f"act-order parts with their own permutations need part boundaries on multiples of "
+                         f"{PART_ALIGN} columns, got {bad}")
+    return jnp.stack(perms), widths
 
 
 def _concat_columns(arrays: list[jax.Array], ws: list[GPTQWeight]) -> jax.Array:
     """Kernel-layout arrays (rows, N_pad) of several weights -> their true columns side by side, padded again.
     Columns are independent in the kernel layout (codes are packed along K), so this is exact for every bit width."""
-    return _pad_columns(jnp.concatenate([a[:, : w.out_features] for a, w in zip(arrays, ws)], axis=1))
+    return pad_columns(jnp.concatenate([a[:, : w.out_features] for a, w in zip(arrays, ws)], axis=1))
 
 
 def split_linear(fused, sizes: list[int]) -> list:
@@ -101,15 +115,20 @@ def split_linear(fused, sizes: list[int]) -> list:
     edges = np.cumsum([0, *sizes])
     if isinstance(fused, QuantLinear):
         fw = fused.weight()
+        if fw.parts and tuple(sizes) != fw.parts:
+            raise ValueError(f"sizes {tuple(sizes)} differ from the fused weight's parts {fw.parts}")
         zp = zero_point(fused.bits)
         out = []
-        for a, b in zip(edges[:-1], edges[1:]):
-            cols = lambda x: _pad_columns(x[:, a:b])  # noqa: E731
+        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+            cols = lambda x: pad_columns(x[:, a:b])  # noqa: E731
+            perm = fw.perm[i] if fw.parts else fw.perm
+            if fw.parts and bool(jnp.array_equal(perm, jnp.arange(fw.in_features))):
+                perm = None  # the part had no act-order
             zeros = None
             if fw.zeros is not None and not bool(jnp.all(fw.zeros[:, a:b] == zp)):
                 zeros = cols(fw.zeros)  # a part whose zero points are all 2^(bits-1) is symmetric again
             w = GPTQWeight(planes=tuple(cols(p) for p in fw.planes), scales=cols(fw.scales), zeros=zeros,
-                           perm=fw.perm, bits=fw.bits, group_size=fw.group_size, in_features=fw.in_features,
+                           perm=perm, bits=fw.bits, group_size=fw.group_size, in_features=fw.in_features,
                            out_features=int(b - a))
             bias = None if fused.bias is None else fused.bias[...][a:b]
             out.append(QuantLinear(bias=bias, bits=fused.bits, checkpoint_format=fused.checkpoint_format,

@@ -43,7 +43,7 @@ from gptq_jax.models.linear import INPUTS, LinearLike, get_submodule, replace_li
 from gptq_jax.models.llama import LlamaForCausalLM, StateDictError
 from pallas_kernels.dispatch import gptq_linear
 from converters.packing import pack_cols, pack_rows, qzeros_v2_to_v1
-from pallas_kernels.gptq_layout import GPTQWeight, dequantize, prepare, unprepare
+from pallas_kernels.gptq_layout import GPTQWeight, dequantize, prepare, split_parts, unprepare
 
 __all__ = ["QuantTensor", "QuantLinear", "quantized_model_from_state_dict", "SUPPORTED_BITS", "CHECKPOINT_FORMATS"]
 
@@ -141,6 +141,7 @@ class QuantLinear(nnx.Module):
         self.scales = QuantTensor(w.scales)
         self.zeros = None if w.zeros is None else QuantTensor(w.zeros)
         self.perm = None if w.perm is None else QuantTensor(w.perm)
+        self.parts = tuple(int(v) for v in w.parts)  # fused act-order parts with their own permutations (static)
         self.bias = None if bias is None else QuantTensor(_as_jax(bias))
 
     @property
@@ -158,14 +159,18 @@ class QuantLinear(nnx.Module):
             group_size=self.group_size,
             in_features=self.in_features,
             out_features=self.out_features,
+            parts=self.parts,
         )
 
     def dequantized_weight(self) -> jax.Array:
         """The dense weight (in_features, out_features) float32 (Flax orientation, like `Linear.kernel`)."""
-        dense = dequantize(self.weight())[: self.in_features, : self.out_features]
-        if self.perm is not None:
-            dense = jnp.zeros_like(dense).at[self.perm[...]].set(dense)  # kernel row i is input perm[i]
-        return dense
+        dense = []
+        for w in split_parts(self.weight()):
+            d = dequantize(w)[: self.in_features, : w.out_features]
+            if w.perm is not None:
+                d = jnp.zeros_like(d).at[w.perm].set(d)  # kernel row i is input perm[i]
+            dense.append(d)
+        return jnp.concatenate(dense, axis=1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., in_features) -> (..., out_features) in `out_dtype` (default: the compute dtype)."""
