@@ -44,8 +44,9 @@ class Rule:
 # H100 sweeps (4-bit g128, fp16; benchmarks/RESULTS.md). M = 1 targets 2112 programs (2026-11-23, fourth session:
 # 8192x28672 50.4 us vs 53.5 at 1056, 4096x11008 15.0 vs 16.5). M = 1, 2 (2026-11-23): the fma kernel in packed half2
 # arithmetic ("h2": 51 us at (8192, 28672) vs 77 us for the fp32 "pos" kernel and 92 us for dots; at M = 2 70 us
-# vs 106 us for dots; at M = 4 dots win, 105 vs 120 us). M <= 16 (2026-11-22): dot with the fp16 0x6400 trick
-# beat inline asm (96 vs 111 us); M = 64 a 64-row dot tile (179 us) beat dequantize+dot (349 us); beyond 64 rows
+# vs 106 us for dots; at M = 4 dots win, 105 vs 120 us). 3-bit takes the same path (ninth session: codes assembled
+# from the two planes in half2; 8192x28672 M = 1 64.6-72.1 us vs 126-130 us for "pos"). M <= 16 (2026-11-22): dot
+# with the fp16 0x6400 trick beat inline asm (96 vs 111 us); M = 64 a 64-row dot tile (179 us) beat dequantize+dot (349 us); beyond 64 rows
 # the fused Triton kernel loses to dequantize+dot. M = 3..16 (2026-11-23, fifth session): the swapped product
 # (dequantized weight as the dot's first operand) with inline-asm unpacking, 107.1 vs 113.1 us at (8192, 28672)
 # M = 16, 103.4 vs 113.0 at M = 8, 27.3 vs 32.0-36.5 us at (4096, 12288) M = 16; at M = 64 swapping loses.

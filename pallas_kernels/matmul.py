@@ -67,8 +67,8 @@ class KernelConfig:
       sub.f16x2 removes the offset, i.e. ~1.4 instructions per two weights; bits 2/4/8 with fp16, 2/4 with bf16,
       else "magic"; the interpreter runs the equivalent jnp code). "fma": "shift" (shift field to bit 0, 2^23
       trick) or "pos" (no shift for fields inside the fp32 mantissa: the code keeps its bit position, and x is
-      pre-scaled by the matching power of two), or "h2" (packed half2 arithmetic in inline PTX, bits 2/4/8 with
-      fp16 and bits 2/4 with bf16, else "pos"; see `_h2_asm`).
+      pre-scaled by the matching power of two), or "h2" (packed half2 arithmetic in inline PTX, bits 2/3/4/8 with
+      fp16 and bits 2/3/4 with bf16, else "pos"; see `_h2_asm`).
     steps_per_iter: K steps handled per loop iteration (their weight loads are issued together).
     evict_first: stream the weight with the evict-first cache policy (it is read once).
     prefetch: issue the next step's loads (weight tile and x) before this step's arithmetic (register double
@@ -291,6 +291,19 @@ def _half2_magic_ok(bits: int, dtype) -> bool:
     return bits in (2, 4, 8) and (dtype == jnp.float16 or bits in (2, 4))
 
 
+def _h2_ok(bits: int, dtype) -> bool:
+    """Whether the "h2" fma path runs this weight: bits 2/4/8 as `_half2_magic_ok`, and 3 (the code assembled from
+    its low-bits and high-bit planes, `_h2_asm`; codes < 8 are exact in either half type)."""
+    return bits == 3 or _half2_magic_ok(bits, dtype)
+
+
+def _h2_half(bits: int) -> int:
+    """Half2 pairs per K step's word position: pair j puts sub-chunk j in the low lane and j + half in the high one.
+    Bits 2/4/8: the two 16-bit halves of one word (half = 32/bits/2 fields each); bits 3: 16 (lo-plane tile j % 2,
+    field j // 2 and field j // 2 + 8 sit in the two halves, as do bits j and j + 16 of the hi-plane word)."""
+    return 16 if bits == 3 else 32 // bits // 2
+
+
 def _asm_ok(st: _Static, dtype) -> bool:
     return st.cfg.convert == "asm" and _inline_asm_multi is not None and _half2_magic_ok(st.bits, dtype)
 
@@ -322,8 +335,7 @@ def _h2_exp(bits: int, dtype) -> int:
     (|x| <= 65504; 4 bits: 4 products of codes <= 15, e = 6). bf16 has fp32's range: e = 0."""
     if dtype != jnp.float16:
         return 0
-    half = 32 // bits // 2
-    return int(np.ceil(np.log2(half * ((1 << bits) - 1))))
+    return int(np.ceil(np.log2(_h2_half(bits) * ((1 << bits) - 1))))
 
 
 def _h2_plan(st: _Static) -> list[tuple[list[int], int, int]]:
@@ -332,7 +344,7 @@ def _h2_plan(st: _Static) -> list[tuple[list[int], int, int]]:
     Pair j puts field j in the low and field j + P/2 in the high 16-bit lane (P = 32/bits fields per word); pairs
     whose lanes lie in the same groups share one half2 accumulator. Slots index `_groups_in_step`'s list.
     """
-    half = 32 // st.bits // 2
+    half = _h2_half(st.bits)
     slot_of = {}
     for slot, (_, js) in enumerate(_groups_in_step(st, 0)):
         for j in js:
@@ -350,19 +362,29 @@ def _h2_bits16(v: float, dtype) -> int:
     return int(np.array(v, np.float32).view(np.uint32)) >> 16
 
 
+def _h2_words(st: _Static, tiles) -> tuple[jax.Array, ...]:
+    """The int32 word tiles (SUB, BN) one K step's h2 products read: (plane,), or bits 3: (lo rows 0-15, lo rows
+    16-31, hi)."""
+    return (tiles[0][0], tiles[0][1], tiles[1][0]) if st.bits == 3 else (tiles[0][0],)
+
+
 def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
-    """PTX for one int32 word w and, per x row, P/2 packed x pairs (x_j, x_{j+P/2}) -> per row and accumulator set
-    of `_h2_plan`, one f32 (lanes in one group: low + high) or two (low, high): sum_j x_j * code_j in each lane.
-    The codes are unpacked once for all rows.
+    """PTX for one int32 word w (bits 3: the words lo0, lo1, hi) and, per x row, the packed x pairs
+    (x_j, x_{j+half}) -> per row and accumulator set of `_h2_plan`, one f32 (lanes in one group: low + high) or two
+    (low, high): sum_j x_j * code_j in each lane. The codes are unpacked once for all rows.
 
     Per pair: one lop3 puts fields j and j + P/2 into the mantissas of a half2 (magic + code * 2^p), one fma
     removes the magic and the 2^p exactly (code * 2^p fits the mantissa, so the result is the integer code),
     one fma multiply-adds it with the x pair; a field that would not fit the mantissa comes from a shifted copy
-    of the word (one shift serves the following fields). Products and the per-word lane sums round to fp16/bf16;
-    the sums over words accumulate in fp32 (the kernel). Returns (asm, number of outputs per row).
+    of the word (one shift serves the following fields). Bits 3: pair j takes its two low bits from field j // 2 of
+    lo word j % 2 and its high bit from bit j of the hi word, shifted once per lo word to sit just above the field;
+    two lop3s assemble magic + code * 2^p in both lanes (shifted copies of both words once p would leave the
+    mantissa). Products and the per-word lane sums round to fp16/bf16; the sums over words
+    accumulate in fp32 (the kernel). Returns (asm, number of outputs per row).
     """
     bits = st.bits
-    half = 32 // bits // 2
+    half = _h2_half(bits)
+    nw = 3 if bits == 3 else 1  # word operands
     mant = 10 if dtype == jnp.float16 else 7
     magic = 1024.0 if dtype == jnp.float16 else 128.0
     sfx = "f16x2" if dtype == jnp.float16 else "bf16x2"
@@ -370,7 +392,7 @@ def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
     plan = _h2_plan(st)
     n_out = sum(1 if lo == hi else 2 for _, lo, hi in plan)
     w_arg = n_out * rows
-    x_args = [[w_arg + 1 + i * half + j for j in range(half)] for i in range(rows)]  # [row][pair]
+    x_args = [[w_arg + nw + i * half + j for j in range(half)] for i in range(rows)]  # [row][pair]
     nacc = len(plan)
     body: list[str] = []
     consts: dict[int, str] = {}  # f16x2/bf16x2 operands must be registers: one mov per distinct constant
@@ -379,18 +401,33 @@ def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
         return consts.setdefault(v, f"k{len(consts)}")
 
     base = 0
+    base3 = [0, 0]  # bits 3: shift of the current copies of lo word h and of the hi word
     src = f"${w_arg}"
     first = [True] * len(plan)
     set_of = {j: i for i, (js, _, _) in enumerate(plan) for j in js}
     mg = _h2_bits16(magic, dtype)
     for j in range(half):
-        p = bits * j - base
-        if p + bits > mant:
-            base = bits * j
-            body.append(f"shr.u32 v, ${w_arg}, {base};")
-            src, p = "v", 0
-        m2 = (mask << p) | (mask << (p + 16))
-        body.append(f"lop3.b32 t, {src}, {m2}, {mg | mg << 16}, 0xEA;")
+        if bits == 3:  # code = lo field (2 bits) | hi bit << 2, assembled in place (code * 2^p) in each lane
+            h, f = j % 2, j // 2
+            if j < 2:  # the hi bits of this lo word's pairs, moved next to their lo fields (bit 2f + 2)
+                body.append(f"shl.b32 s{h}, ${w_arg + 2}, {2 - h};")
+            p = 2 * f - base3[h]
+            if p + 3 > mant:  # rebase: shifted copies of the lo word and of the hi word (no bit falls off)
+                base3[h] = 2 * f
+                body.append(f"shr.u32 l{h}, ${w_arg + h}, {2 * f};")
+                body.append(f"shr.u32 s{h}, ${w_arg + 2}, {2 * f - 2 + h};")
+                p = 0
+            lo_src = f"${w_arg + h}" if base3[h] == 0 else f"l{h}"
+            body.append(f"lop3.b32 t, {lo_src}, {(3 << p) | (3 << (p + 16))}, {mg | mg << 16}, 0xEA;")
+            body.append(f"lop3.b32 t, s{h}, {(4 << p) | (4 << (p + 16))}, t, 0xEA;")
+        else:
+            p = bits * j - base
+            if p + bits > mant:
+                base = bits * j
+                body.append(f"shr.u32 v, ${w_arg}, {base};")
+                src, p = "v", 0
+            m2 = (mask << p) | (mask << (p + 16))
+            body.append(f"lop3.b32 t, {src}, {m2}, {mg | mg << 16}, 0xEA;")
         sc = _h2_bits16(2.0 ** -p, dtype)
         off = _h2_bits16(-magic * 2.0 ** -p, dtype)
         body.append(f"fma.rn.{sfx} q, t, {const(sc | sc << 16)}, {const(off | off << 16)};")
@@ -402,7 +439,7 @@ def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
             else:
                 body.append(f"fma.rn.{sfx} {acc}, q, ${x_args[i][j]}, {acc};")
         first[a] = False
-    lines = ["{", ".reg .b32 t, q, v, a<%d>, k<%d>;" % (rows * nacc, len(consts)), ".reg .b16 h0, h1;",
+    lines = ["{", ".reg .b32 t, q, v, l<2>, s<2>, a<%d>, k<%d>;" % (rows * nacc, len(consts)), ".reg .b16 h0, h1;",
              ".reg .f32 f0, f1;"]
     lines += [f"mov.b32 {name}, {v};" for v, name in consts.items()]
     lines += body
@@ -424,19 +461,28 @@ def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
     return "\n".join(lines), n_out
 
 
-def _h2_emulate(st: _Static, dtype, w: jax.Array, xpairs: list[jax.Array]) -> list[jax.Array]:
+def _h2_codes(bits: int, words: tuple[jax.Array, ...], j: int) -> tuple[jax.Array, jax.Array]:
+    """int32 codes of pair j's low and high lane (the `_h2_asm` pairing), for the jnp twin."""
+    srl = jax.lax.shift_right_logical
+    if bits == 3:
+        lo, hi = words[j % 2], words[2]
+        f = j // 2
+        return tuple((srl(lo, 2 * f + o) & 3) | ((srl(hi, j + o) & 1) << 2) for o in (0, 16))
+    half, mask = _h2_half(bits), (1 << bits) - 1
+    return srl(words[0], bits * j) & mask, srl(words[0], bits * (j + half)) & mask
+
+
+def _h2_emulate(st: _Static, dtype, words: tuple[jax.Array, ...], xpairs: list[jax.Array]) -> list[jax.Array]:
     """jnp twin of `_h2_asm` for one row (the interpreter cannot run PTX): the same lanes, sets and roundings."""
     bits = st.bits
-    half = 32 // bits // 2
-    mask = (1 << bits) - 1
+    half = _h2_half(bits)
     plan = _h2_plan(st)
     set_of = {j: i for i, (js, _, _) in enumerate(plan) for j in js}
     acc: list = [None] * len(plan)
     for j in range(half):
         xlo = jax.lax.bitcast_convert_type((xpairs[j] & 0xFFFF).astype(jnp.uint16), dtype)
         xhi = jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(xpairs[j], 16).astype(jnp.uint16), dtype)
-        qlo = (jax.lax.shift_right_logical(w, bits * j) & mask).astype(jnp.float32).astype(dtype)
-        qhi = (jax.lax.shift_right_logical(w, bits * (j + half)) & mask).astype(jnp.float32).astype(dtype)
+        qlo, qhi = (c.astype(jnp.float32).astype(dtype) for c in _h2_codes(bits, words, j))
         prod = ((qlo * xlo), (qhi * xhi))
         a = set_of[j]
         acc[a] = prod if acc[a] is None else (acc[a][0] + prod[0], acc[a][1] + prod[1])
@@ -447,20 +493,21 @@ def _h2_emulate(st: _Static, dtype, w: jax.Array, xpairs: list[jax.Array]) -> li
     return outs
 
 
-def _h2_word_sums(st: _Static, dtype, w: jax.Array, xpairs: list[list[jax.Array]]) -> list[list[jax.Array]]:
-    """xpairs[row][pair] -> per row, per accumulator set of `_h2_plan`: f32 tiles of sum_j x_j * code_j (one, or
-    the low and the high lane)."""
+def _h2_word_sums(st: _Static, dtype, words: tuple[jax.Array, ...], xpairs: list[list[jax.Array]]
+                  ) -> list[list[jax.Array]]:
+    """words (`_h2_words`), xpairs[row][pair] -> per row, per accumulator set of `_h2_plan`: f32 tiles of
+    sum_j x_j * code_j (one, or the low and the high lane)."""
     if st.interpret:
-        return [_h2_emulate(st, dtype, w, xp) for xp in xpairs]
+        return [_h2_emulate(st, dtype, words, xp) for xp in xpairs]
     rows = len(xpairs)
     asm, n_out = _h2_asm(st, dtype, rows)
     flat = [a for xp in xpairs for a in xp]
     outs = _inline_asm_multi(
         asm,
-        w,
+        *words,
         *flat,
-        constraints=",".join(["=f"] * (n_out * rows) + ["r"] * (1 + len(flat))),
-        result_shape_dtypes=(jax.ShapeDtypeStruct(w.shape, jnp.float32),) * (n_out * rows),
+        constraints=",".join(["=f"] * (n_out * rows) + ["r"] * (len(words) + len(flat))),
+        result_shape_dtypes=(jax.ShapeDtypeStruct(words[0].shape, jnp.float32),) * (n_out * rows),
     )
     outs = list(outs)
     return [outs[i * n_out:(i + 1) * n_out] for i in range(rows)]
@@ -643,7 +690,7 @@ def _kernel(*refs, st: _Static):
             # x arrives scaled by 2^-e (load_xrow); the half2 word sums come back in f32, per group slot
             tiles, xrows = loaded
             accs = list(accs)
-            half = 32 // bits // 2
+            half = _h2_half(bits)
             plan = _h2_plan(st)
             groups = _groups_in_step(st, t)
             sz = [load_scale_zero(g) for g, _ in groups]
@@ -652,7 +699,7 @@ def _kernel(*refs, st: _Static):
                 b16 = [jax.lax.bitcast_convert_type(v, jnp.int16).astype(jnp.int32) & 0xFFFF for v in xr]
                 packed.append([jnp.broadcast_to((b16[j] | (b16[j + half] << 16))[:, None], (sub, bn))
                                for j in range(half)])
-            sums = _h2_word_sums(st, x_ref.dtype, tiles[0][0], packed)
+            sums = _h2_word_sums(st, x_ref.dtype, _h2_words(st, tiles), packed)
             for i in range(bm):
                 xr = xrows[i]
                 outs = iter(sums[i])
@@ -755,7 +802,7 @@ def gptq_matmul(
     splits = max(1, min(cfg.split_k, steps))
     partial = splits > 1
 
-    h2 = cfg.mode == "fma" and cfg.convert == "h2" and _half2_magic_ok(w.bits, x.dtype)
+    h2 = cfg.mode == "fma" and cfg.convert == "h2" and _h2_ok(w.bits, x.dtype)
     h2 = h2 and (interpret or _inline_asm_multi is not None)
     h2_exp = _h2_exp(w.bits, x.dtype) if h2 else 0
     if w.perm is not None:  # act-order: kernel row i is feature perm[i]; the gather and the K pad fuse

@@ -361,3 +361,17 @@ def test_multi_permutation_backward_and_dispatch():
     check(y, x, w64, "fp16")
     (dx,) = vjp(dy)
     np.testing.assert_allclose(np.asarray(dx, np.float64), ref, rtol=0, atol=5e-3 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("bits,dtype", [(3, jnp.float16), (3, jnp.bfloat16), (4, jnp.float16)])
+def test_h2_kernel_lowers_for_cuda(bits, dtype):
+    """The M = 1 half2 kernel (inline PTX; 3 bits assemble each code from two planes) passes JAX's Triton lowering
+    on CPU, for a plain and a multi-permutation weight."""
+    t, _ = make_layer(1, bits, 512, 128, 128, True, False)
+    w = prep(t, bits)
+    for weight in (w, fused_act_order_weight(bits, 512, (64, 32, 64), 128)[0]):
+        cfg = D.choose_config(weight, 1)
+        assert cfg.convert == "h2"
+        f = jax.jit(lambda x, ww, cfg=cfg: G.gptq_matmul(x, ww, config=cfg))
+        text = f.trace(jax.ShapeDtypeStruct((1, 512), dtype), weight).lower(lowering_platforms=("cuda",)).as_text()
+        assert f"gptq{bits}_fma" in text
