@@ -64,8 +64,8 @@ def xla_backend():
 def pallas_vs_xla(config_name: str = "smollm2-135m", layers: int = 4, new_tokens: int = 48,
                   act_order: bool = False) -> dict:
     """Greedy tokens of a random 4-bit model (the config's shapes, `layers` layers; act_order: every linear with its
-    own permutation; q/k/v and gate/up fused, as `gptq-jax generate` runs it): Pallas path vs XLA reference path (fp16, a batch of 4 left-padded
-    prompts of different lengths)."""
+    own permutation; q/k/v and gate/up fused, as `gptq-jax generate` runs it): Pallas path vs XLA reference path
+    (fp16, a batch of 4 left-padded prompts of different lengths)."""
     config = dataclasses.replace(gen.random_config(config_name), num_hidden_layers=layers,
                                  layer_types=("full_attention",) * layers)
     model = gen.random_model(config, dtype=jnp.float16, bits=4, group_size=GROUPS[config_name], seed=1,
@@ -82,8 +82,9 @@ def pallas_vs_xla(config_name: str = "smollm2-135m", layers: int = 4, new_tokens
         xla, _, _ = gen.generate_ids(model, prompts, max_new_tokens=new_tokens, eos_token_ids=())
     same = sum(a == b for pa, xa in zip(pallas, xla) for a, b in zip(pa, xa))
     first_diff = [next((j for j, (a, b) in enumerate(zip(pa, xa)) if a != b), None) for pa, xa in zip(pallas, xla)]
-    return {"config": f"{config_name} ({layers} layers{', act-order' if act_order else ''})", "tokens": len(prompts) * new_tokens, "same_tokens": int(same),
-            "equal": pallas == xla, "first_difference_per_row": first_diff}
+    name = f"{config_name} ({layers} layers{', act-order' if act_order else ''})"
+    return {"config": name, "tokens": len(prompts) * new_tokens, "same_tokens": int(same), "equal": pallas == xla,
+            "first_difference_per_row": first_diff}
 
 
 def main(argv=None) -> int:

@@ -46,10 +46,11 @@ class Rule:
 # arithmetic ("h2": 51 us at (8192, 28672) vs 77 us for the fp32 "pos" kernel and 92 us for dots; at M = 2 70 us
 # vs 106 us for dots; at M = 4 dots win, 105 vs 120 us). 3-bit takes the same path (ninth session: codes assembled
 # from the two planes in half2; 8192x28672 M = 1 64.6-72.1 us vs 126-130 us for "pos"). M <= 16 (2026-11-22): dot
-# with the fp16 0x6400 trick beat inline asm (96 vs 111 us); M = 64 a 64-row dot tile (179 us) beat dequantize+dot (349 us); beyond 64 rows
-# the fused Triton kernel loses to dequantize+dot. M = 3..16 (2026-11-23, fifth session): the swapped product
-# (dequantized weight as the dot's first operand) with inline-asm unpacking, 107.1 vs 113.1 us at (8192, 28672)
-# M = 16, 103.4 vs 113.0 at M = 8, 27.3 vs 32.0-36.5 us at (4096, 12288) M = 16; at M = 64 swapping loses.
+# with the fp16 0x6400 trick beat inline asm (96 vs 111 us); M = 64 a 64-row dot tile (179 us) beat dequantize+dot
+# (349 us); beyond 64 rows the fused Triton kernel loses to dequantize+dot. M = 3..16 (2026-11-23, fifth session):
+# the swapped product (dequantized weight as the dot's first operand) with inline-asm unpacking, 107.1 vs 113.1 us
+# at (8192, 28672) M = 16, 103.4 vs 113.0 at M = 8, 27.3 vs 32.0-36.5 us at (4096, 12288) M = 16; at M = 64
+# swapping loses.
 TABLE: tuple[Rule, ...] = (
     Rule(1, KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2"), 2112),
     Rule(2, KernelConfig(mode="fma", block_m=2, block_n=128, num_warps=8, convert="h2"), 1056),
