@@ -579,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--group-size", type=int, default=128, help="group size of the random GPTQ variant")
     bg.add_argument("--act-order", action="store_true",
                     help="the random GPTQ variant with act-order g_idx (a random permutation per layer, as desc_act "
-                         "checkpoints have: such layers are not fused)")
+                         "checkpoints have; fused layers keep one permutation per part)")
     bg.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default 1)")
     bg.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     bg.add_argument("--new-tokens", type=int, default=256, help="new tokens (default 256)")

@@ -58,6 +58,7 @@ __all__ = [
     "N_ALIGN",
     "PART_ALIGN",
     "pad_columns",
+    "column_slice",
     "part_starts",
     "split_parts",
     "GPTQWeight",
@@ -128,19 +129,29 @@ def part_starts(w: GPTQWeight) -> tuple[int, ...]:
     return tuple(int(v) for v in np.cumsum(w.parts)[:-1]) if w.parts else ()
 
 
+def column_slice(w: GPTQWeight, a: int, b: int) -> GPTQWeight:
+    """Output columns [a, b) of w as an ordinary weight (columns re-padded to N_ALIGN; the permutation of the part
+    holding them). Exact: columns are independent in the kernel layout."""
+    perm = w.perm
+    if w.parts:
+        edges = np.cumsum([0, *w.parts])
+        p = int(np.searchsorted(edges, a, side="right")) - 1
+        if b > edges[p + 1]:
+            raise ValueError(f"columns [{a}, {b}) straddle the parts {w.parts}")
+        perm = w.perm[p]
+    cols = lambda x: pad_columns(x[:, a:b])  # noqa: E731
+    return GPTQWeight(planes=tuple(cols(q) for q in w.planes), scales=cols(w.scales),
+                      zeros=None if w.zeros is None else cols(w.zeros), perm=perm, bits=w.bits,
+                      group_size=w.group_size, in_features=w.in_features, out_features=int(b - a))
+
+
 def split_parts(w: GPTQWeight) -> list[GPTQWeight]:
-    """A multi-permutation weight -> one ordinary weight per part (columns sliced, each with its own perm); an
-    ordinary weight -> [w]. Exact: columns are independent in the kernel layout."""
+    """A multi-permutation weight -> one ordinary weight per part (each with its own perm); an ordinary weight ->
+    [w]."""
     if not w.parts:
         return [w]
     edges = np.cumsum([0, *w.parts])
-    out = []
-    for p, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
-        cols = lambda x: pad_columns(x[:, a:b])  # noqa: E731
-        out.append(GPTQWeight(planes=tuple(cols(q) for q in w.planes), scales=cols(w.scales),
-                              zeros=None if w.zeros is None else cols(w.zeros), perm=w.perm[p], bits=w.bits,
-                              group_size=w.group_size, in_features=w.in_features, out_features=int(b - a)))
-    return out
+    return [column_slice(w, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from flax import nnx
 
 from gptq_jax.models.linear import Linear
 from gptq_jax.models.quant_linear import QuantLinear
-from pallas_kernels.gptq_layout import PART_ALIGN, GPTQWeight, pad_columns, zero_point
+from pallas_kernels.gptq_layout import PART_ALIGN, GPTQWeight, column_slice, pad_columns, zero_point
 
 __all__ = ["FusionReport", "fuse_projections", "unfuse_projections", "concatenate_linears", "split_linear"]
 
@@ -119,17 +119,12 @@ def split_linear(fused, sizes: list[int]) -> list:
             raise ValueError(f"sizes {tuple(sizes)} differ from the fused weight's parts {fw.parts}")
         zp = zero_point(fused.bits)
         out = []
-        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
-            cols = lambda x: pad_columns(x[:, a:b])  # noqa: E731
-            perm = fw.perm[i] if fw.parts else fw.perm
-            if fw.parts and bool(jnp.array_equal(perm, jnp.arange(fw.in_features))):
-                perm = None  # the part had no act-order
-            zeros = None
-            if fw.zeros is not None and not bool(jnp.all(fw.zeros[:, a:b] == zp)):
-                zeros = cols(fw.zeros)  # a part whose zero points are all 2^(bits-1) is symmetric again
-            w = GPTQWeight(planes=tuple(cols(p) for p in fw.planes), scales=cols(fw.scales), zeros=zeros,
-                           perm=perm, bits=fw.bits, group_size=fw.group_size, in_features=fw.in_features,
-                           out_features=int(b - a))
+        for a, b in zip(edges[:-1], edges[1:]):
+            w = column_slice(fw, int(a), int(b))
+            if fw.parts and bool(jnp.array_equal(w.perm, jnp.arange(fw.in_features))):
+                w = dataclasses.replace(w, perm=None)  # the part had no act-order
+            if w.zeros is not None and bool(jnp.all(w.zeros[:, : b - a] == zp)):
+                w = dataclasses.replace(w, zeros=None)  # all zero points 2^(bits-1): symmetric again
             bias = None if fused.bias is None else fused.bias[...][a:b]
             out.append(QuantLinear(bias=bias, bits=fused.bits, checkpoint_format=fused.checkpoint_format,
                                    dtype=fused.dtype, out_dtype=fused.out_dtype, weight=w,
