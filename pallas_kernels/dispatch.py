@@ -1,9 +1,11 @@
 """`gptq_linear`: the one entry point the models call. Picks the path by platform, dtype and M (rows).
 
-GPU (fp16/bf16 activations): the Pallas kernel (gptq_matmul) for M up to the prefill threshold, with a block
-configuration from `TABLE`; beyond it, dequantize then XLA dot (the weight is materialised once per call, as
-ExLlamaV2 does above 50 rows, reference 4.3). CPU, or float32 activations: the XLA reference (dense float32
-dequantization, float32 dot).
+GPU (fp16/bf16 activations): on Hopper (sm_90), 4-bit weights with one permutation at most go through the Mosaic
+GPU wgmma kernel (`matmul_wgmma`) from 3 rows up (`choose_wgmma`: from 65 rows on every shape, below that on
+weights wide enough to fill the GPU). Otherwise the Triton kernel (gptq_matmul) for M up to the prefill
+threshold, with a block configuration from `TABLE`; beyond it, dequantize then XLA dot (the weight is
+materialised once per call, as ExLlamaV2 does above 50 rows, reference 4.3). CPU, or float32 activations: the
+XLA reference (dense float32 dequantization, float32 dot).
 
 Gradients: `gptq_linear` is differentiable w.r.t. x and bias (a `jax.custom_vjp`); the quantized weight is frozen
 (its cotangent is zero). The backward dX = dY @ dequant(W)^T runs on the "pallas"/"interpret" backends for
@@ -28,8 +30,9 @@ import numpy as np
 from pallas_kernels.gptq_layout import GPTQWeight, part_starts
 from pallas_kernels.matmul import KernelConfig, gptq_matmul, reference
 from pallas_kernels.matmul_t import KernelConfigT, gptq_matmul_t, reference_t
+from pallas_kernels import matmul_wgmma
 
-__all__ = ["Rule", "TABLE", "TABLE_T", "choose_config", "gptq_linear"]
+__all__ = ["Rule", "TABLE", "TABLE_T", "choose_config", "choose_wgmma", "gptq_linear"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +99,37 @@ def choose_config(w: GPTQWeight, m: int, table: tuple[Rule, ...] = TABLE) -> Ker
     return dataclasses.replace(cfg, block_m=bm, block_n=bn, split_k=split)
 
 
+# wgmma kernel (H100, 2026-11-23, tenth session; benchmarks/RESULTS.md): 8192x28672 at M = 16 63.2 us (Triton swap
+# dot 104.6), M = 64 78.0 (Triton dot 164.6), M = 256 233.9 (dequantize + dot 412.9), M = 2048 1636 (1643), every
+# time with split_k = 1 (224 programs): splitting a grid that already fills the GPU only adds fp32 partials. On
+# 4096x4096 (32 column tiles) at M = 64 it lost (26.8 vs 19.2 us): below 65 rows it needs >= WGMMA_MIN_TILES tiles.
+WGMMA_MIN_M = 3
+WGMMA_MIN_TILES = 192
+WGMMA_PROGRAMS = 264
+
+
+def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | None:
+    """wgmma kernel configuration for M rows of x in dtype on weight w, or None (use the Triton/XLA paths).
+    Assumes a Hopper GPU (see `gptq_linear`)."""
+    if m < WGMMA_MIN_M or not matmul_wgmma.supported(w, dtype):
+        return None
+    bm = next(b for b in (16, 32, 64, 128) if m <= b or b == 128)
+    tiles = (w.n_pad // (2 * matmul_wgmma.TILE_N)) * -(-m // bm)
+    if m <= 64 and tiles < WGMMA_MIN_TILES:
+        return None
+    stages = w.k_pad // (2 * matmul_wgmma.TILE_K)
+    split = max(s for s in range(1, stages + 1) if stages % s == 0 and (s == 1 or tiles * s <= WGMMA_PROGRAMS))
+    split = split if tiles < 132 else 1
+    return matmul_wgmma.WgmmaConfig(block_m=bm, tiles_per_stage=2, max_concurrent_steps=4, split_k=split)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper() -> bool:
+    """Whether the default device is a CUDA GPU of compute capability 9.x (wgmma)."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
 def gptq_linear(
     x: jax.Array,
     w: GPTQWeight,
@@ -108,7 +142,8 @@ def gptq_linear(
     """y = x @ dequant(w) (+ bias): x (..., K) -> (..., N) in out_dtype (default x.dtype), fp32 accumulation.
 
     backend: None picks "pallas" on a GPU for fp16/bf16 x and "xla" (the reference) otherwise; "interpret" runs
-    the Pallas kernel in the interpreter (tests). config overrides the table's kernel configuration.
+    the Triton-lowered Pallas kernel in the interpreter (tests). config (a Triton `KernelConfig`) overrides the
+    choice: then the Triton kernel runs, never the wgmma one.
     """
     k, n = w.in_features, w.out_features
     if x.shape[-1] != k:
@@ -132,6 +167,10 @@ def _forward(x2: jax.Array, w: GPTQWeight, bias, backend: str, config: KernelCon
     if backend == "xla":  # fp16/bf16 x: dequantize into x's dtype, as Linear and the GPU prefill path do
         half = x2.dtype in (jnp.float16, jnp.bfloat16)
         return reference(x2, w, bias, out_dtype=out_dtype, dense_dtype=x2.dtype if half else None)
+    if config is None and backend == "pallas" and _hopper():
+        wcfg = choose_wgmma(w, x2.shape[0], x2.dtype)
+        if wcfg is not None:
+            return matmul_wgmma.gptq_matmul_wgmma(x2, w, bias, config=wcfg, out_dtype=out_dtype)
     cfg = config or choose_config(w, x2.shape[0])
     if cfg is None:
         return reference(x2, w, bias, out_dtype=out_dtype, dense_dtype=x2.dtype)
