@@ -128,8 +128,8 @@ def test_dispatch_choice():
 
 GPU_CASES = [  # (k, n, m, group, sym, act, dtype, config)
     (576, 192, 3, 128, True, False, "fp16", W.WgmmaConfig(block_m=16)),
-    (1536, 300, 16, 32, False, True, "fp16", W.WgmmaConfig(block_m=16, tiles_per_stage=4, split_k=3)),
-    (4096, 1000, 64, 64, False, False, "bf16", W.WgmmaConfig(block_m=64)),
+    (1536, 288, 16, 32, False, True, "fp16", W.WgmmaConfig(block_m=16, tiles_per_stage=4, split_k=3)),
+    (4096, 992, 64, 64, False, False, "bf16", W.WgmmaConfig(block_m=64)),
     (11008, 512, 300, 128, True, True, "fp16", W.WgmmaConfig(block_m=128, split_k=2)),
     (4096, 384, 200, -1, False, False, "bf16", W.WgmmaConfig(block_m=256, tiles_per_stage=1)),
     (1024, 256, 40, 256, True, False, "fp16", W.WgmmaConfig(block_m=32, tiles_per_stage=4, max_concurrent_steps=3)),
