@@ -39,7 +39,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels.gptq_layout import STEP_ROWS, GPTQWeight
 
 try:  # Mosaic GPU (jaxlib's CUDA extension is not needed to trace and lower; running needs a Hopper GPU)
-    from jax.experimental import mosaic as _mosaic  # noqa: F401
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
     from jax.experimental.pallas import mosaic_gpu as plgpu

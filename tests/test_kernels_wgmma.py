@@ -101,7 +101,8 @@ def test_supported_and_errors():
             W.gptq_matmul_wgmma(jnp.zeros((4, 511), jnp.float16), w4)
         t640, _ = make_layer(2, 4, 640, 256, 128, True, False)  # 5 steps: not a multiple of 256 rows
         with pytest.raises(ValueError, match="tiles_per_stage=4"):
-            W.gptq_matmul_wgmma(jnp.zeros((4, 640), jnp.float16), prep(t640, 4), config=W.WgmmaConfig(tiles_per_stage=4))
+            W.gptq_matmul_wgmma(jnp.zeros((4, 640), jnp.float16), prep(t640, 4),
+                                config=W.WgmmaConfig(tiles_per_stage=4))
         with pytest.raises(ValueError, match="split_k=3"):
             W.gptq_matmul_wgmma(jnp.zeros((4, 512), jnp.float16), w4, config=W.WgmmaConfig(split_k=3))
 
