@@ -270,7 +270,7 @@ def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None
     xp = permute_x(x, w, m_pad)
     scales = w.scales.astype(dtype)
     zeros = w.zeros.astype(dtype) if has_zeros else None
-    acc_dtype = jnp.float32 if splits > 1 else dtype
+    acc_dtype = jnp.float32 if splits > 1 or out_dtype == jnp.float32 else dtype  # output written by the kernel
     rows_per_group = kp if gs == -1 else gs
 
     sps = max(1, t // 2)  # 128-row steps per stage

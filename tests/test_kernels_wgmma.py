@@ -75,9 +75,11 @@ def test_kernel_lowers_for_cuda(dtype, group, sym, act, cfg):
     """Mosaic GPU builds the whole kernel (inline PTX, layouts, TMA pipeline, shared-memory budget) on CPU."""
     t, _ = make_layer(1, 4, 1024, 256, group, sym, act)
     w = prep(t, 4)
-    f = jax.jit(lambda x, ww: W.gptq_matmul_wgmma(x, ww, config=cfg))
-    text = f.trace(jax.ShapeDtypeStruct((37, 1024), dtype), w).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    for out_dtype in (None, jnp.float32):  # float32 output: the kernel writes float32 (no rounding to x's dtype)
+        f = jax.jit(lambda x, ww, od=out_dtype: W.gptq_matmul_wgmma(x, ww, config=cfg, out_dtype=od))
+        lowered = f.trace(jax.ShapeDtypeStruct((37, 1024), dtype), w).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text()
+        assert lowered.out_info.dtype == (out_dtype or dtype)
 
 
 def test_supported_and_errors():
