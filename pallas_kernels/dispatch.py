@@ -105,7 +105,8 @@ def choose_config(w: GPTQWeight, m: int, table: tuple[Rule, ...] = TABLE) -> Ker
 # 4096x4096 (32 column tiles) at M = 64 it lost (26.8 vs 19.2 us): below 65 rows it needs >= WGMMA_MIN_TILES tiles.
 WGMMA_MIN_M = 3
 WGMMA_MIN_TILES = 192
-WGMMA_PROGRAMS = 264
+WGMMA_FULL_GRID = 132  # programs that fill the H100 once (one per SM): smaller grids split K ...
+WGMMA_PROGRAMS = 264  # ... into at most this many programs
 
 
 def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | None:
@@ -114,12 +115,13 @@ def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | Non
     if m < WGMMA_MIN_M or not matmul_wgmma.supported(w, dtype):
         return None
     bm = next(b for b in (16, 32, 64, 128) if m <= b or b == 128)
-    tiles = (w.n_pad // (2 * matmul_wgmma.TILE_N)) * -(-m // bm)
+    tiles = (w.n_pad // matmul_wgmma.BLOCK_N) * -(-m // bm)
     if m <= 64 and tiles < WGMMA_MIN_TILES:
         return None
-    stages = w.k_pad // (2 * matmul_wgmma.TILE_K)
-    split = max(s for s in range(1, stages + 1) if stages % s == 0 and (s == 1 or tiles * s <= WGMMA_PROGRAMS))
-    split = split if tiles < 132 else 1
+    split = 1
+    if tiles < WGMMA_FULL_GRID:
+        stages = matmul_wgmma.num_stages(w, 2)
+        split = max(s for s in range(1, stages + 1) if stages % s == 0 and (s == 1 or tiles * s <= WGMMA_PROGRAMS))
     return matmul_wgmma.WgmmaConfig(block_m=bm, tiles_per_stage=2, max_concurrent_steps=4, split_k=split)
 
 

@@ -47,10 +47,12 @@ try:  # Mosaic GPU (jaxlib's CUDA extension is not needed to trace and lower; ru
 except ImportError:  # pragma: no cover - JAX builds without Mosaic GPU
     plgpu = None
 
-__all__ = ["WgmmaConfig", "STEP_ORDER", "supported", "permute_x", "a_tile_numpy", "gptq_matmul_wgmma"]
+__all__ = ["WgmmaConfig", "STEP_ORDER", "BLOCK_N", "supported", "num_stages", "permute_x", "a_tile_numpy",
+           "gptq_matmul_wgmma"]
 
 TILE_K = 64  # K rows per A tile (one wgmma: A (64, 64) f16 in registers = 128-byte swizzle width)
 TILE_N = 64  # output columns per compute warpgroup (wgmma M dimension)
+BLOCK_N = 2 * TILE_N  # output columns per program (two compute warpgroups)
 WORDS_PER_TILE = TILE_K // 8
 
 
@@ -100,7 +102,15 @@ def supported(w: GPTQWeight, dtype) -> bool:
     gs = w.group_size
     return (plgpu is not None and w.bits == 4 and not w.parts and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)
             and (gs == -1 or gs in (32, 64) or gs % 128 == 0) and w.k_pad % STEP_ROWS[4] == 0
-            and w.n_pad % (2 * TILE_N) == 0)
+            and w.n_pad % BLOCK_N == 0)
+
+
+def num_stages(w: GPTQWeight, tiles_per_stage: int) -> int:
+    """Pipeline stages over w's (padded) K; the stage rows must divide it."""
+    rows = TILE_K * tiles_per_stage
+    if w.k_pad % rows:
+        raise ValueError(f"tiles_per_stage={tiles_per_stage} needs K (padded: {w.k_pad}) to be a multiple of {rows}")
+    return w.k_pad // rows
 
 
 def permute_x(x: jax.Array, w: GPTQWeight, m_pad: int) -> jax.Array:
@@ -144,15 +154,15 @@ def a_tile_numpy(w: GPTQWeight, tile: int, n0: int, dtype=np.float16) -> np.ndar
 # kernel
 
 
-def _scales_per_step(w: GPTQWeight) -> int:
+def _scales_per_step(group_size: int) -> int:
     """Scale rows one 128-row step reads (group sizes 32 and 64: 4 and 2; otherwise 1)."""
-    return 128 // w.group_size if w.group_size in (32, 64) else 1
+    return 128 // group_size if group_size in (32, 64) else 1
 
 
 def _scale_block(w: GPTQWeight, steps_per_stage: int) -> tuple[int, bool]:
     """(scale rows per pipeline stage, whether every step of a stage has its own rows)."""
     if w.group_size in (32, 64, 128):
-        return _scales_per_step(w) * steps_per_stage, True
+        return _scales_per_step(w.group_size) * steps_per_stage, True
     return 1, False  # -1 or a multiple of 128 >= 256: a stage (<= 256 rows, aligned) lies in one group
 
 
@@ -206,7 +216,7 @@ def _dequant_fn(dtype, group_size: int, has_zeros: bool):
             hi = arith.extui(i32, arith.bitcast(i16, hi))
             return arith.ori(lo, arith.shli(hi, ci(16)))
 
-        spr = 128 // group_size if group_size in (32, 64) else 1
+        spr = _scales_per_step(group_size)
         magic = 1024.0 if f16 else 128.0
         regs = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((TILE_N, TILE_K)), dtype=object)
         for h in range(2):
@@ -255,17 +265,15 @@ def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None
     bm, t = cfg.block_m, cfg.tiles_per_stage
     m_pad = -(-m // bm) * bm
     kp, np_ = w.k_pad, w.n_pad
-    bn = 2 * TILE_N
-    if kp % (TILE_K * t):
-        raise ValueError(f"tiles_per_stage={t} needs K (padded: {kp}) to be a multiple of {TILE_K * t}")
-    stages = kp // (TILE_K * t)
+    bn = BLOCK_N
+    stages = num_stages(w, t)
     splits = cfg.split_k
     if stages % splits:
         raise ValueError(f"split_k={splits} does not divide the {stages} pipeline stages (K={kp}, "
                          f"tiles_per_stage={t})")
     per = stages // splits
     gs = w.group_size
-    spr = _scales_per_step(w)
+    spr = _scales_per_step(gs)
     has_zeros = w.zeros is not None
     xp = permute_x(x, w, m_pad)
     scales = w.scales.astype(dtype)
