@@ -52,7 +52,8 @@ __all__ = ["WgmmaConfig", "STEP_ORDER", "BLOCK_N", "supported", "num_stages", "p
 
 TILE_K = 64  # K rows per A tile (one wgmma: A (64, 64) f16 in registers = 128-byte swizzle width)
 TILE_N = 64  # output columns per compute warpgroup (wgmma M dimension)
-BLOCK_N = 2 * TILE_N  # output columns per program (two compute warpgroups)
+BLOCK_N = 2 * TILE_N  # output columns per program with the default two compute warpgroups (the weight's N must
+# be a multiple of it; of 4 * TILE_N with four)
 WORDS_PER_TILE = TILE_K // 8
 
 
@@ -80,12 +81,15 @@ class WgmmaConfig:
     tiles_per_stage: A tiles (64 K rows each) per pipeline stage (1, 2 or 4).
     max_concurrent_steps: pipeline stages in flight (shared-memory slots).
     split_k: programs per output tile along K (fp32 partials summed by XLA when > 1); it must divide the stages.
+    compute_wgs: compute warpgroups per program, 64 output columns each (2 or 4; 4 only for block_m <= 64: the
+        five warpgroups share the register file). Four halve the x tiles streamed per weight byte.
     """
 
     block_m: int = 128
     tiles_per_stage: int = 2
     max_concurrent_steps: int = 4
     split_k: int = 1
+    compute_wgs: int = 2
 
     def __post_init__(self):
         if self.block_m not in (16, 32, 64, 128, 192, 256):
@@ -94,6 +98,13 @@ class WgmmaConfig:
             raise ValueError(f"tiles_per_stage must be 1, 2 or 4, got {self.tiles_per_stage}")
         if self.max_concurrent_steps < 2 or self.split_k < 1:
             raise ValueError(f"need max_concurrent_steps >= 2 and split_k >= 1, got {self}")
+        if self.compute_wgs not in (2, 4) or (self.compute_wgs == 4 and self.block_m > 64):
+            raise ValueError(f"compute_wgs must be 2, or 4 with block_m <= 64, got {self}")
+
+    @property
+    def block_n(self) -> int:
+        """Output columns per program."""
+        return TILE_N * self.compute_wgs
 
 
 def supported(w: GPTQWeight, dtype) -> bool:
@@ -262,10 +273,12 @@ def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None
     dtype = x.dtype
     out_dtype = jnp.dtype(out_dtype or dtype)
     m = x.shape[0]
-    bm, t = cfg.block_m, cfg.tiles_per_stage
+    bm, t, cw = cfg.block_m, cfg.tiles_per_stage, cfg.compute_wgs
     m_pad = -(-m // bm) * bm
     kp, np_ = w.k_pad, w.n_pad
-    bn = BLOCK_N
+    bn = cfg.block_n
+    if np_ % bn:
+        raise ValueError(f"compute_wgs={cw} needs N (padded: {np_}) to be a multiple of {bn}")
     stages = num_stages(w, t)
     splits = cfg.split_k
     if stages % splits:
@@ -338,7 +351,7 @@ def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None
                     plgpu.BlockSpec((bm, TILE_K * t), lambda k: (0, k), transforms=x_tf),
                     s_spec] + ([s_spec] if has_zeros else [])
         pipeline = plgpu.emit_pipeline_warp_specialized(
-            body, grid=(per,), memory_registers=40, in_specs=in_specs, wg_axis="wg", num_compute_wgs=2,
+            body, grid=(per,), memory_registers=40, in_specs=in_specs, wg_axis="wg", num_compute_wgs=cw,
             max_concurrent_steps=cfg.max_concurrent_steps, compute_context=compute_context)
         w_rows = pl.ds(first * WORDS_PER_TILE * t, per * WORDS_PER_TILE * t)
         gm_args = [w_gmem.at[w_rows, pl.ds(ni * bn, bn)],
@@ -353,9 +366,9 @@ def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None
         out_type=jax.ShapeDtypeStruct((splits, np_, m_pad), acc_dtype),
         grid=(np_ // bn, m_pad // bm, splits),
         grid_names=("n", "m", "s"),
-        num_threads=3,
+        num_threads=cw + 1,
         thread_name="wg",
-        scratch_types=dict(out_smem=plgpu.SMEM((2, TILE_N, out_cols), acc_dtype, transforms=out_tf)),
+        scratch_types=dict(out_smem=plgpu.SMEM((cw, TILE_N, out_cols), acc_dtype, transforms=out_tf)),
     )
     args = [w.planes[0], xp, scales] + ([zeros] if has_zeros else [])
     yt = call(*args)

@@ -66,6 +66,8 @@ LOWER_CASES = [  # (dtype, group, sym, act, config)
     (jnp.bfloat16, 64, False, False, W.WgmmaConfig(block_m=128, tiles_per_stage=1, max_concurrent_steps=6)),
     (jnp.bfloat16, -1, True, True, W.WgmmaConfig(block_m=256, tiles_per_stage=1)),
     (jnp.float16, 256, False, False, W.WgmmaConfig(block_m=32, tiles_per_stage=4, max_concurrent_steps=3)),
+    (jnp.float16, 128, True, True, W.WgmmaConfig(block_m=16, compute_wgs=4)),
+    (jnp.bfloat16, 32, False, False, W.WgmmaConfig(block_m=64, compute_wgs=4, split_k=2)),
 ]
 
 
@@ -98,6 +100,15 @@ def test_supported_and_errors():
         W.WgmmaConfig(block_m=48)
     with pytest.raises(ValueError, match="tiles_per_stage"):
         W.WgmmaConfig(tiles_per_stage=3)
+    with pytest.raises(ValueError, match="compute_wgs"):
+        W.WgmmaConfig(block_m=128, compute_wgs=4)
+    with pytest.raises(ValueError, match="compute_wgs"):
+        W.WgmmaConfig(block_m=16, compute_wgs=3)
+    if W.plgpu is not None:
+        t384, _ = make_layer(2, 4, 512, 384, 128, True, False)  # 384 columns: not a multiple of 256
+        with pytest.raises(ValueError, match="multiple of 256"):
+            W.gptq_matmul_wgmma(jnp.zeros((4, 512), jnp.float16), prep(t384, 4),
+                                config=W.WgmmaConfig(block_m=16, compute_wgs=4))
     if W.plgpu is not None:
         with pytest.raises(ValueError, match="shape"):
             W.gptq_matmul_wgmma(jnp.zeros((4, 511), jnp.float16), w4)
