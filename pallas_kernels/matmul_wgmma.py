@@ -52,8 +52,8 @@ __all__ = ["WgmmaConfig", "STEP_ORDER", "BLOCK_N", "supported", "num_stages", "p
 
 TILE_K = 64  # K rows per A tile (one wgmma: A (64, 64) f16 in registers = 128-byte swizzle width)
 TILE_N = 64  # output columns per compute warpgroup (wgmma M dimension)
-BLOCK_N = 2 * TILE_N  # output columns per program with the default two compute warpgroups (the weight's N must
-# be a multiple of it; of 4 * TILE_N with four)
+BLOCK_N = 2 * TILE_N  # output columns per program with one A tile per compute warpgroup (the weight's N must be
+# a multiple of it; of 2 * BLOCK_N with two tiles per warpgroup)
 WORDS_PER_TILE = TILE_K // 8
 
 
@@ -81,15 +81,15 @@ class WgmmaConfig:
     tiles_per_stage: A tiles (64 K rows each) per pipeline stage (1, 2 or 4).
     max_concurrent_steps: pipeline stages in flight (shared-memory slots).
     split_k: programs per output tile along K (fp32 partials summed by XLA when > 1); it must divide the stages.
-    compute_wgs: compute warpgroups per program, 64 output columns each (2 or 4; 4 only for block_m <= 64: the
-        five warpgroups share the register file). Four halve the x tiles streamed per weight byte.
+    tiles_n: A tiles (64 output columns each) per compute warpgroup, 1 or 2 (2: block_m <= 128): 128 or 256
+        output columns per program. Two halve the x tiles streamed per weight byte.
     """
 
     block_m: int = 128
     tiles_per_stage: int = 2
     max_concurrent_steps: int = 4
     split_k: int = 1
-    compute_wgs: int = 2
+    tiles_n: int = 1
 
     def __post_init__(self):
         if self.block_m not in (16, 32, 64, 128, 192, 256):
@@ -98,13 +98,13 @@ class WgmmaConfig:
             raise ValueError(f"tiles_per_stage must be 1, 2 or 4, got {self.tiles_per_stage}")
         if self.max_concurrent_steps < 2 or self.split_k < 1:
             raise ValueError(f"need max_concurrent_steps >= 2 and split_k >= 1, got {self}")
-        if self.compute_wgs not in (2, 4) or (self.compute_wgs == 4 and self.block_m > 64):
-            raise ValueError(f"compute_wgs must be 2, or 4 with block_m <= 64, got {self}")
+        if self.tiles_n not in (1, 2) or (self.tiles_n == 2 and self.block_m > 128):
+            raise ValueError(f"tiles_n must be 1, or 2 with block_m <= 128, got {self}")
 
     @property
     def block_n(self) -> int:
-        """Output columns per program."""
-        return TILE_N * self.compute_wgs
+        """Output columns per program (two compute warpgroups)."""
+        return BLOCK_N * self.tiles_n
 
 
 def supported(w: GPTQWeight, dtype) -> bool:
@@ -273,12 +273,12 @@ def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None
     dtype = x.dtype
     out_dtype = jnp.dtype(out_dtype or dtype)
     m = x.shape[0]
-    bm, t, cw = cfg.block_m, cfg.tiles_per_stage, cfg.compute_wgs
+    bm, t, tn = cfg.block_m, cfg.tiles_per_stage, cfg.tiles_n
     m_pad = -(-m // bm) * bm
     kp, np_ = w.k_pad, w.n_pad
     bn = cfg.block_n
     if np_ % bn:
-        raise ValueError(f"compute_wgs={cw} needs N (padded: {np_}) to be a multiple of {bn}")
+        raise ValueError(f"tiles_n={tn} needs N (padded: {np_}) to be a multiple of {bn}")
     stages = num_stages(w, t)
     splits = cfg.split_k
     if stages % splits:
@@ -312,7 +312,7 @@ def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None
             (w_gmem, x_gmem, s_gmem, out_gmem), z_gmem = refs, None
         ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
         wg = lax.axis_index("wg")
-        col = pl.ds(wg * TILE_N, TILE_N)
+        cols = [pl.ds((wg * tn + u) * TILE_N, TILE_N) for u in range(tn)]  # this warpgroup's A tiles
         first = si * per  # first stage of this program
 
         def scale_index(k):
@@ -322,36 +322,40 @@ def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None
             return (step0 * 128) // rows_per_group, 0
 
         def compute_context(eval_pipeline):
-            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((TILE_N, bm), jnp.float32))
-            def _acc_scope(acc_ref):
-                eval_pipeline(acc_ref)
-                acc = acc_ref[...].astype(acc_dtype)
-                for j in range(bm // out_cols):
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    out_smem[wg] = acc[:, j * out_cols:(j + 1) * out_cols]
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(
-                        out_smem.at[wg],
-                        out_gmem.at[si, pl.ds(ni * bn + wg * TILE_N, TILE_N), pl.ds(mi * bm + j * out_cols, out_cols)])
+            @functools.partial(pl.run_scoped, acc_refs=(plgpu.ACC((TILE_N, bm), jnp.float32),) * tn)
+            def _acc_scope(acc_refs):
+                eval_pipeline(acc_refs)
+                for u, acc_ref in enumerate(acc_refs):
+                    acc = acc_ref[...].astype(acc_dtype)
+                    for j in range(bm // out_cols):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        out_smem[wg] = acc[:, j * out_cols:(j + 1) * out_cols]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg],
+                            out_gmem.at[si, pl.ds(ni * bn + (wg * tn + u) * TILE_N, TILE_N),
+                                        pl.ds(mi * bm + j * out_cols, out_cols)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         def body(_, w_smem, x_smem, s_smem, *rest):
-            *z_smem, acc_ref = rest
+            *z_smem, acc_refs = rest
             for tt in range(t):
                 rows = pl.ds((tt // 2) * spr, spr) if per_step else pl.ds(0, 1)
-                zs = (z_smem[0].at[rows, col],) if has_zeros else ()
-                a = dequant(w_smem.at[pl.ds(tt * WORDS_PER_TILE, WORDS_PER_TILE), col], s_smem.at[rows, col], *zs)
                 b = plgpu.transpose_ref(x_smem.at[:, pl.ds(tt * TILE_K, TILE_K)], (1, 0))
-                plgpu.wgmma(acc_ref, a, b)
+                for col, acc_ref in zip(cols, acc_refs):
+                    zs = (z_smem[0].at[rows, col],) if has_zeros else ()
+                    a = dequant(w_smem.at[pl.ds(tt * WORDS_PER_TILE, WORDS_PER_TILE), col], s_smem.at[rows, col],
+                                *zs)
+                    plgpu.wgmma(acc_ref, a, b)
             plgpu.wgmma_wait(0)  # the stage's shared memory is released when the body returns
-            return acc_ref
+            return acc_refs
 
         s_spec = plgpu.BlockSpec((s_rows, bn), scale_index)
         in_specs = [plgpu.BlockSpec((WORDS_PER_TILE * t, bn), lambda k: (k, 0)),
                     plgpu.BlockSpec((bm, TILE_K * t), lambda k: (0, k), transforms=x_tf),
                     s_spec] + ([s_spec] if has_zeros else [])
         pipeline = plgpu.emit_pipeline_warp_specialized(
-            body, grid=(per,), memory_registers=40, in_specs=in_specs, wg_axis="wg", num_compute_wgs=cw,
+            body, grid=(per,), memory_registers=40, in_specs=in_specs, wg_axis="wg", num_compute_wgs=2,
             max_concurrent_steps=cfg.max_concurrent_steps, compute_context=compute_context)
         w_rows = pl.ds(first * WORDS_PER_TILE * t, per * WORDS_PER_TILE * t)
         gm_args = [w_gmem.at[w_rows, pl.ds(ni * bn, bn)],
@@ -366,9 +370,9 @@ def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None
         out_type=jax.ShapeDtypeStruct((splits, np_, m_pad), acc_dtype),
         grid=(np_ // bn, m_pad // bm, splits),
         grid_names=("n", "m", "s"),
-        num_threads=cw + 1,
+        num_threads=3,
         thread_name="wg",
-        scratch_types=dict(out_smem=plgpu.SMEM((cw, TILE_N, out_cols), acc_dtype, transforms=out_tf)),
+        scratch_types=dict(out_smem=plgpu.SMEM((2, TILE_N, out_cols), acc_dtype, transforms=out_tf)),
     )
     args = [w.planes[0], xp, scales] + ([zeros] if has_zeros else [])
     yt = call(*args)

@@ -66,8 +66,8 @@ LOWER_CASES = [  # (dtype, group, sym, act, config)
     (jnp.bfloat16, 64, False, False, W.WgmmaConfig(block_m=128, tiles_per_stage=1, max_concurrent_steps=6)),
     (jnp.bfloat16, -1, True, True, W.WgmmaConfig(block_m=256, tiles_per_stage=1)),
     (jnp.float16, 256, False, False, W.WgmmaConfig(block_m=32, tiles_per_stage=4, max_concurrent_steps=3)),
-    (jnp.float16, 128, True, True, W.WgmmaConfig(block_m=16, compute_wgs=4)),
-    (jnp.bfloat16, 32, False, False, W.WgmmaConfig(block_m=64, compute_wgs=4, split_k=2)),
+    (jnp.float16, 128, True, True, W.WgmmaConfig(block_m=16, tiles_n=2)),
+    (jnp.bfloat16, 32, False, False, W.WgmmaConfig(block_m=128, tiles_n=2, split_k=2)),
 ]
 
 
@@ -100,15 +100,15 @@ def test_supported_and_errors():
         W.WgmmaConfig(block_m=48)
     with pytest.raises(ValueError, match="tiles_per_stage"):
         W.WgmmaConfig(tiles_per_stage=3)
-    with pytest.raises(ValueError, match="compute_wgs"):
-        W.WgmmaConfig(block_m=128, compute_wgs=4)
-    with pytest.raises(ValueError, match="compute_wgs"):
-        W.WgmmaConfig(block_m=16, compute_wgs=3)
+    with pytest.raises(ValueError, match="tiles_n"):
+        W.WgmmaConfig(block_m=256, tiles_n=2)
+    with pytest.raises(ValueError, match="tiles_n"):
+        W.WgmmaConfig(block_m=16, tiles_n=3)
     if W.plgpu is not None:
         t384, _ = make_layer(2, 4, 512, 384, 128, True, False)  # 384 columns: not a multiple of 256
         with pytest.raises(ValueError, match="multiple of 256"):
             W.gptq_matmul_wgmma(jnp.zeros((4, 512), jnp.float16), prep(t384, 4),
-                                config=W.WgmmaConfig(block_m=16, compute_wgs=4))
+                                config=W.WgmmaConfig(block_m=16, tiles_n=2))
     if W.plgpu is not None:
         with pytest.raises(ValueError, match="shape"):
             W.gptq_matmul_wgmma(jnp.zeros((4, 511), jnp.float16), w4)
@@ -148,6 +148,8 @@ GPU_CASES = [  # (k, n, m, group, sym, act, dtype, config)
     (4096, 384, 200, -1, False, False, "bf16", W.WgmmaConfig(block_m=256, tiles_per_stage=1)),
     (1024, 256, 40, 256, True, False, "fp16", W.WgmmaConfig(block_m=32, tiles_per_stage=4, max_concurrent_steps=3)),
     (2048, 640, 130, 32, True, True, "bf16", W.WgmmaConfig(block_m=192, max_concurrent_steps=2)),
+    (1024, 768, 16, 64, False, True, "fp16", W.WgmmaConfig(block_m=16, tiles_n=2)),
+    (2304, 512, 100, 128, True, False, "bf16", W.WgmmaConfig(block_m=128, tiles_n=2, split_k=3)),
 ]
 
 

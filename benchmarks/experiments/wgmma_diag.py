@@ -166,8 +166,8 @@ def mid():
         print(f"| {shape} | {m} | {r['dispatch'][0]:.1f} | {rest} |")
 
 
-def cw4():
-    """Four compute warpgroups (256 columns per program) against two, K splits by grid size."""
+def tn2():
+    """Two A tiles per compute warpgroup (256 columns per program) against one, K splits by grid size."""
     cases = [((8192, 28672), (4, 16, 64)), ((28672, 8192), (16, 64)), ((4096, 22016), (16, 64)),
              ((4096, 11008), (16, 64)), ((8192, 8192), (16, 64)), ((4096, 12288), (16, 64))]
     table = []
@@ -177,12 +177,12 @@ def cw4():
         for m in ms:
             bm = 16 if m <= 16 else 64
             fns = {"dispatch": lambda x, w: D.gptq_linear(x, w)}
-            for cw in (2, 4):
-                tiles = n // (64 * cw)
+            for tn in (1, 2):
+                tiles = n // (128 * tn)
                 ok = [s for s in range(1, stages + 1) if stages % s == 0 and tiles * s <= 600]
                 best = [s for s in ok if tiles * s >= 120][:2] or ok[-1:]
                 for s in best:
-                    fns[f"cw{cw} s{s}"] = wg(C(bm, 2, 4, s, cw))
+                    fns[f"tn{tn} s{s}"] = wg(C(bm, 2, 4, s, tn))
             table.append((f"{k}x{n}", m, bench(w0, m, fns)))
     print("\n| K x N | M | dispatch | variants (us) |")
     for shape, m, r in table:
@@ -202,8 +202,8 @@ if __name__ == "__main__":
             print("ptxas part failed:", ex)
     if "diag" in parts:
         diag()
-    if "cw4" in parts:
-        cw4()
+    if "tn2" in parts:
+        tn2()
     if "scale" in parts:
         scale()
     if "mid" in parts:
