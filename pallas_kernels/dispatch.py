@@ -102,27 +102,54 @@ def choose_config(w: GPTQWeight, m: int, table: tuple[Rule, ...] = TABLE) -> Ker
 # wgmma kernel (H100, 2026-11-23, tenth session; benchmarks/RESULTS.md): 8192x28672 at M = 16 63.2 us (Triton swap
 # dot 104.6), M = 64 78.0 (Triton dot 164.6), M = 256 233.9 (dequantize + dot 412.9), M = 2048 1636 (1643), every
 # time with split_k = 1 (224 programs): splitting a grid that already fills the GPU only adds fp32 partials. On
-# 4096x4096 (32 column tiles) at M = 64 it lost (26.8 vs 19.2 us): below 65 rows it needs >= WGMMA_MIN_TILES tiles.
+# 4096x4096 (32 column tiles) at M = 64 it lost (26.8 vs 19.2 us). Eleventh session: narrower weights below 65 rows
+# win when they are large and the grid can be split into about one wave: 28672x8192 M = 16 59.2 us with two A tiles
+# per warpgroup and 4 K splits (128 programs; Triton 100.6), M = 64 75.2 (147.4); 4096x11008 M = 64 35.3 with 2
+# splits (Triton 43.5), but M = 16 29.6 (Triton 28.1); 4096x22016 M = 16 38.9 (Triton 44.8). A single wave of 128
+# programs beat two waves (28672x8192 M = 16: 7 splits, 224 programs, 65.3 us).
 WGMMA_MIN_M = 3
-WGMMA_MIN_TILES = 192
+WGMMA_MIN_TILES = 192  # below 65 rows, weights this many 128-column tiles wide take the kernel ...
+WGMMA_MIN_ELEMENTS = ((32, 80 << 20), (64, 32 << 20))  # ... and, up to (rows, K x N), weights this large
 WGMMA_FULL_GRID = 132  # programs that fill the H100 once (one per SM): smaller grids split K ...
-WGMMA_PROGRAMS = 264  # ... into at most this many programs
+WGMMA_PROGRAMS = 264  # ... into at most this many programs (from 65 rows; below, see choose_wgmma)
+WGMMA_MIN_PROGRAMS = 120  # below 65 rows a split grid must reach about one wave, else the Triton kernels run
+
+
+def _divisors(v: int) -> list[int]:
+    return [d for d in range(1, v + 1) if v % d == 0]
 
 
 def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | None:
     """wgmma kernel configuration for M rows of x in dtype on weight w, or None (use the Triton/XLA paths).
-    Assumes a Hopper GPU (see `gptq_linear`)."""
+    Assumes a Hopper GPU (see `gptq_linear`).
+
+    From 65 rows: every supported weight; K splits only for grids under one wave. Below: weights at least
+    WGMMA_MIN_TILES column tiles wide (no split), or large ones (WGMMA_MIN_ELEMENTS) whose grid splits into
+    WGMMA_MIN_PROGRAMS..WGMMA_FULL_GRID programs with two A tiles per warpgroup (half the x traffic), else into
+    up to WGMMA_PROGRAMS with one."""
     if m < WGMMA_MIN_M or not matmul_wgmma.supported(w, dtype):
         return None
     bm = next(b for b in (16, 32, 64, 128) if m <= b or b == 128)
-    tiles = (w.n_pad // matmul_wgmma.BLOCK_N) * -(-m // bm)
-    if m <= 64 and tiles < WGMMA_MIN_TILES:
+    m_tiles = -(-m // bm)
+    tiles = (w.n_pad // matmul_wgmma.BLOCK_N) * m_tiles
+    stages = matmul_wgmma.num_stages(w, 2)
+    config = functools.partial(matmul_wgmma.WgmmaConfig, block_m=bm, tiles_per_stage=2, max_concurrent_steps=4)
+    if m > 64:
+        split = 1
+        if tiles < WGMMA_FULL_GRID:
+            split = max(s for s in _divisors(stages) if s == 1 or tiles * s <= WGMMA_PROGRAMS)
+        return config(split_k=split)
+    if tiles >= WGMMA_MIN_TILES:
+        return config(split_k=1)
+    if w.k_pad * w.n_pad < next(e for rows, e in WGMMA_MIN_ELEMENTS if m <= rows):
         return None
-    split = 1
-    if tiles < WGMMA_FULL_GRID:
-        stages = matmul_wgmma.num_stages(w, 2)
-        split = max(s for s in range(1, stages + 1) if stages % s == 0 and (s == 1 or tiles * s <= WGMMA_PROGRAMS))
-    return matmul_wgmma.WgmmaConfig(block_m=bm, tiles_per_stage=2, max_concurrent_steps=4, split_k=split)
+    if w.n_pad % (2 * matmul_wgmma.BLOCK_N) == 0:
+        tiles2 = tiles // 2
+        fits = [s for s in _divisors(stages) if WGMMA_MIN_PROGRAMS <= tiles2 * s <= WGMMA_FULL_GRID]
+        if fits:
+            return config(split_k=max(fits), tiles_n=2)
+    fits = [s for s in _divisors(stages) if WGMMA_MIN_PROGRAMS <= tiles * s <= WGMMA_PROGRAMS]
+    return config(split_k=max(fits)) if fits else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import dispatch as D
+from pallas_kernels import gptq_layout as L
 from pallas_kernels import matmul_wgmma as W
 from tests.test_kernels import check, fused_act_order_weight, make_layer, prep, rand_x
 
@@ -138,6 +139,30 @@ def test_dispatch_choice():
     assert D.choose_wgmma(wide, 300, jnp.float16).split_k == 1
     tb, _ = make_layer(4, 8, 512, 24576, 128, True, False)
     assert D.choose_wgmma(prep(tb, 8), 300, jnp.float16) is None
+
+
+def shaped_weight(k: int, n: int) -> L.GPTQWeight:
+    """A 4-bit g128 weight of shape (k, n) with abstract arrays: enough for the dispatcher, which reads shapes."""
+    sds = jax.ShapeDtypeStruct
+    return L.GPTQWeight(planes=(sds((k // 8, n), jnp.int32),), scales=sds((k // 128, n), jnp.float16), zeros=None,
+                        perm=None, bits=4, group_size=128, in_features=k, out_features=n)
+
+
+def test_dispatch_choice_below_65_rows_on_large_narrow_weights():
+    """Large weights narrower than WGMMA_MIN_TILES take the kernel below 65 rows when K splits give about one wave:
+    two A tiles per warpgroup if that reaches WGMMA_MIN_PROGRAMS..WGMMA_FULL_GRID programs, else one tile."""
+    if W.plgpu is None:
+        pytest.skip("no Mosaic GPU in this JAX build")
+    long_k = shaped_weight(28672, 8192)  # 64 column tiles, 224 stages of 128 rows
+    assert D.choose_wgmma(long_k, 16, jnp.float16) == W.WgmmaConfig(block_m=16, split_k=4, tiles_n=2)  # 32 x 4
+    assert D.choose_wgmma(long_k, 64, jnp.float16) == W.WgmmaConfig(block_m=64, split_k=4, tiles_n=2)
+    mlp = shaped_weight(4096, 11008)  # 45M elements, 86 column tiles, 32 stages
+    assert D.choose_wgmma(mlp, 16, jnp.float16) is None  # below 80M elements at <= 32 rows: Triton
+    assert D.choose_wgmma(mlp, 64, jnp.float16) == W.WgmmaConfig(block_m=64, split_k=2)  # 43 x s never in 120..132
+    assert D.choose_wgmma(shaped_weight(4096, 4096), 64, jnp.float16) is None  # 16.8M elements
+    assert D.choose_wgmma(shaped_weight(11008, 4096), 64, jnp.float16) is None  # 86 stages: 64 or 1376 programs
+    assert D.choose_wgmma(shaped_weight(4096, 22016), 16, jnp.float16) == W.WgmmaConfig(block_m=16)  # 172 tiles
+    assert D.choose_wgmma(shaped_weight(4096, 4096), 300, jnp.float16).tiles_n == 1  # >= 65 rows: unchanged
 
 
 GPU_CASES = [  # (k, n, m, group, sym, act, dtype, config)
