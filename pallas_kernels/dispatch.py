@@ -106,10 +106,12 @@ def choose_config(w: GPTQWeight, m: int, table: tuple[Rule, ...] = TABLE) -> Ker
 # win when they are large and the grid can be split into about one wave: 28672x8192 M = 16 59.2 us with two A tiles
 # per warpgroup and 4 K splits (128 programs; Triton 100.6), M = 64 75.2 (147.4); 4096x11008 M = 64 35.3 with 2
 # splits (Triton 43.5), but M = 16 29.6 (Triton 28.1); 4096x22016 M = 16 38.9 (Triton 44.8). A single wave of 128
-# programs beat two waves (28672x8192 M = 16: 7 splits, 224 programs, 65.3 us).
+# programs beat two waves (28672x8192 M = 16: 7 splits, 224 programs, 65.3 us). With this rule (bench_kernels --full):
+# 28672x8192 M = 16 / 32 / 64 60.2 / 65.1 / 74.3 us (2.67x / 2.52x / 2.25x fp16), 8192x8192 M = 64 30.2 (Triton at
+# M = 16: 40.6), hence 8192x8192 (64M elements) from 3 rows too.
 WGMMA_MIN_M = 3
 WGMMA_MIN_TILES = 192  # below 65 rows, weights this many 128-column tiles wide take the kernel ...
-WGMMA_MIN_ELEMENTS = ((32, 80 << 20), (64, 32 << 20))  # ... and, up to (rows, K x N), weights this large
+WGMMA_MIN_ELEMENTS = ((32, 64 << 20), (64, 32 << 20))  # ... and, up to (rows, K x N), weights this large
 WGMMA_FULL_GRID = 132  # programs that fill the H100 once (one per SM): smaller grids split K ...
 WGMMA_PROGRAMS = 264  # ... into at most this many programs (from 65 rows; below, see choose_wgmma)
 WGMMA_MIN_PROGRAMS = 120  # below 65 rows a split grid must reach about one wave, else the Triton kernels run

@@ -157,7 +157,9 @@ def test_dispatch_choice_below_65_rows_on_large_narrow_weights():
     assert D.choose_wgmma(long_k, 16, jnp.float16) == W.WgmmaConfig(block_m=16, split_k=4, tiles_n=2)  # 32 x 4
     assert D.choose_wgmma(long_k, 64, jnp.float16) == W.WgmmaConfig(block_m=64, split_k=4, tiles_n=2)
     mlp = shaped_weight(4096, 11008)  # 45M elements, 86 column tiles, 32 stages
-    assert D.choose_wgmma(mlp, 16, jnp.float16) is None  # below 80M elements at <= 32 rows: Triton
+    assert D.choose_wgmma(mlp, 16, jnp.float16) is None  # below 64M elements at <= 32 rows: Triton
+    assert D.choose_wgmma(shaped_weight(8192, 8192), 8, jnp.float16) == W.WgmmaConfig(block_m=16, split_k=4,
+                                                                                       tiles_n=2)
     assert D.choose_wgmma(mlp, 64, jnp.float16) == W.WgmmaConfig(block_m=64, split_k=2)  # 43 x s never in 120..132
     assert D.choose_wgmma(shaped_weight(4096, 4096), 64, jnp.float16) is None  # 16.8M elements
     assert D.choose_wgmma(shaped_weight(11008, 4096), 64, jnp.float16) is None  # 86 stages: 64 or 1376 programs
