@@ -21,6 +21,11 @@ once, s * (q - z) in x's dtype, as in "dequantize, then dot"; products accumulat
 Scales and zeros: group sizes 32 and 64 (2 or 4 groups per step: the two lanes of a pair, fields m and m + 4,
 may lie in different groups, so every pair carries its own scale half2), 128 and its multiples, and -1.
 
+Grid: (N / block_n, M / block_m, K splits); block_n is 128 (each compute warpgroup one A tile) or 256
+(`tiles_n=2`: two A tiles and two accumulators per warpgroup, so each x tile in shared memory serves twice the
+weight: one program streams about 28 GB/s of words + x on an H100, whatever the stage count, so fewer x bytes per
+weight byte and grids of about one wave are what make it faster; benchmarks/RESULTS.md, eleventh session).
+
 Support: bits 4, fp16/bf16 x, single permutation (or none); sm_90 (wgmma). `supported` says whether a weight
 qualifies; the dispatcher falls back to the Triton kernels or dequantize + XLA dot otherwise.
 """
