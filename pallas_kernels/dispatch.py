@@ -2,10 +2,10 @@
 
 GPU (fp16/bf16 activations): on Hopper (sm_90), 4-bit weights with one permutation at most go through the Mosaic
 GPU wgmma kernel (`matmul_wgmma`) from 3 rows up (`choose_wgmma`: from 65 rows on every shape, below that on
-weights wide enough to fill the GPU, or large enough that K splits fill it about once). Otherwise the Triton kernel (gptq_matmul) for M up to the prefill
-threshold, with a block configuration from `TABLE`; beyond it, dequantize then XLA dot (the weight is
-materialised once per call, as ExLlamaV2 does above 50 rows, reference 4.3). CPU, or float32 activations: the
-XLA reference (dense float32 dequantization, float32 dot).
+weights wide enough to fill the GPU, or large enough that K splits fill it about once). Otherwise the Triton
+kernel (gptq_matmul) for M up to the prefill threshold, with a block configuration from `TABLE`; beyond it,
+dequantize then XLA dot (the weight is materialised once per call, as ExLlamaV2 does above 50 rows, reference
+4.3). CPU, or float32 activations: the XLA reference (dense float32 dequantization, float32 dot).
 
 Gradients: `gptq_linear` is differentiable w.r.t. x and bias (a `jax.custom_vjp`); the quantized weight is frozen
 (its cotangent is zero). The backward dX = dY @ dequant(W)^T runs on the "pallas"/"interpret" backends for
