@@ -77,9 +77,10 @@ def _gram_chunked(x: jax.Array, scale: jax.Array, chunk_tokens: int, sym_blocks:
     P = jnp.zeros((kp, kp), jnp.float32)
     for a, p in enumerate(acc):
         P = P.at[a * kb:(a + 1) * kb, a * kb:].set(p)
-    blk = jnp.arange(kp) // kb
-    strict_upper = blk[:, None] < blk[None, :]
-    G = P + jnp.where(strict_upper, P, 0.0).T
+    # mirror element-wise, not block-wise: a diagonal block's GEMM need not be exactly symmetric (it depends on
+    # the backend's summation order; seen on an AMD CPU), its upper triangle mirrored is
+    idx = jnp.arange(kp)
+    G = jnp.where(idx[:, None] <= idx[None, :], P, P.T)
     return G[:k, :k]
 
 

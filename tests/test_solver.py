@@ -198,7 +198,9 @@ def test_real_weight_and_solver_loss_definition():
 
 
 def test_pallas_kernel_matches_xla_loop():
-    """The GPU block kernel, run by the Pallas interpreter on the CPU: same codes as the XLA column loop."""
+    """The GPU block kernel, run by the Pallas interpreter on the CPU: same codes as the XLA column loop; scales
+    equal up to float32 rounding (the two update the weights in different orders: on an AMD CPU 3 of 240 scales
+    differ in the last bit)."""
     H = stories_hessian("down_proj")
     W = random_w(40, 172, seed=2)  # 40 rows: padded to the 32-row tiles
     for cfg in (QuantizeConfig(bits=4, group_size=32, sym=False, desc_act=True),):
@@ -206,7 +208,7 @@ def test_pallas_kernel_matches_xla_loop():
         b = gptq(W, H, cfg, backend="pallas_interpret", tile_rows=32)
         check_identity(b)
         np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
-        np.testing.assert_array_equal(np.asarray(a.scales), np.asarray(b.scales))
+        np.testing.assert_allclose(np.asarray(a.scales), np.asarray(b.scales), rtol=1e-6, atol=0)
         np.testing.assert_allclose(float(a.loss), float(b.loss), rtol=1e-6)
 
 
