@@ -117,8 +117,9 @@ WGMMA_PROGRAMS = 264  # ... into at most this many programs (from 65 rows; below
 WGMMA_MIN_PROGRAMS = 120  # below 65 rows a split grid must reach about one wave, else the Triton kernels run
 
 
-def _divisors(v: int) -> list[int]:
-    return [d for d in range(1, v + 1) if v % d == 0]
+def _largest_split(stages: int, tiles: int, lo: int, hi: int) -> int | None:
+    """The largest K split s (a divisor of the stage count) with lo <= tiles * s <= hi programs, or None."""
+    return max((s for s in range(1, stages + 1) if stages % s == 0 and lo <= tiles * s <= hi), default=None)
 
 
 def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | None:
@@ -132,26 +133,22 @@ def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | Non
     if m < WGMMA_MIN_M or not matmul_wgmma.supported(w, dtype):
         return None
     bm = next(b for b in (16, 32, 64, 128) if m <= b or b == 128)
-    m_tiles = -(-m // bm)
-    tiles = (w.n_pad // matmul_wgmma.BLOCK_N) * m_tiles
+    tiles = (w.n_pad // matmul_wgmma.BLOCK_N) * -(-m // bm)
     stages = matmul_wgmma.num_stages(w, 2)
     config = functools.partial(matmul_wgmma.WgmmaConfig, block_m=bm, tiles_per_stage=2, max_concurrent_steps=4)
     if m > 64:
-        split = 1
-        if tiles < WGMMA_FULL_GRID:
-            split = max(s for s in _divisors(stages) if s == 1 or tiles * s <= WGMMA_PROGRAMS)
+        split = _largest_split(stages, tiles, 0, WGMMA_PROGRAMS) if tiles < WGMMA_FULL_GRID else 1
         return config(split_k=split)
     if tiles >= WGMMA_MIN_TILES:
         return config(split_k=1)
     if w.k_pad * w.n_pad < next(e for rows, e in WGMMA_MIN_ELEMENTS if m <= rows):
         return None
     if w.n_pad % (2 * matmul_wgmma.BLOCK_N) == 0:
-        tiles2 = tiles // 2
-        fits = [s for s in _divisors(stages) if WGMMA_MIN_PROGRAMS <= tiles2 * s <= WGMMA_FULL_GRID]
-        if fits:
-            return config(split_k=max(fits), tiles_n=2)
-    fits = [s for s in _divisors(stages) if WGMMA_MIN_PROGRAMS <= tiles * s <= WGMMA_PROGRAMS]
-    return config(split_k=max(fits)) if fits else None
+        split = _largest_split(stages, tiles // 2, WGMMA_MIN_PROGRAMS, WGMMA_FULL_GRID)
+        if split:
+            return config(split_k=split, tiles_n=2)
+    split = _largest_split(stages, tiles, WGMMA_MIN_PROGRAMS, WGMMA_PROGRAMS)
+    return config(split_k=split) if split else None
 
 
 @functools.lru_cache(maxsize=None)
