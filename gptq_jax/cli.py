@@ -287,6 +287,9 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         report = fuse_projections(loaded.model)
         fused = report.fused
         log.info("fused %d q/k/v and gate/up groups into one linear each", report.fused)
+        if report.folded:
+            log.info("%d act-order down_proj permutations moved into the gate/up columns (no gather at run time)",
+                     report.folded)
         for why in report.skipped:
             log.info("not fused: %s", why)
     tok = loaded.tokenizer

@@ -12,6 +12,7 @@ from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.fusion import concatenate_linears, fuse_projections, split_linear, unfuse_projections
 from gptq_jax.models.linear import iter_linears, replace_linear
 from gptq_jax.models.llama import LlamaForCausalLM, model_to_state_dict
+from gptq_jax.models.lora import LoraConfig, apply_lora
 from gptq_jax.models.quant_linear import QuantLinear
 
 CONFIG = dict(model_type="qwen2", vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
@@ -113,3 +114,35 @@ def test_act_order_part_boundaries_off_the_kernel_grid_stay_separate():
     assert concatenate_linears(lins).weight().parts == (64, 64)
     with pytest.raises(ValueError, match="multiples of 16 columns, got \\[40\\]"):
         concatenate_linears([first_40, lins[1]])
+
+
+def test_act_order_down_proj_permutation_folds_into_gate_up():
+    """An act-order down_proj's permutation moves into the gate/up output columns (its kernel then skips the gather):
+    outputs unchanged, the fused down_proj runs with perm=None, LoRA on it is refused, unfusing restores every tensor
+    exactly. Layer 1's gate/up are act-order too (their own K permutations stay)."""
+    model = LlamaForCausalLM(ModelConfig.from_hf(CONFIG), rngs=nnx.Rngs(1))
+    act = {f"model.layers.{i}.mlp.down_proj" for i in (0, 1)} | {"model.layers.1.mlp.gate_proj",
+                                                                  "model.layers.1.mlp.up_proj"}
+    quantize_all(model, 4, act_order_layers=act)
+    ids = jnp.asarray(np.arange(20)[None], jnp.int32)
+    ref = np.asarray(model(ids))
+    before = model_to_state_dict(model)
+    mlp0 = model.model.layers[0].mlp
+    gate_cols = np.asarray(mlp0.gate_proj.dequantized_weight())
+    perm = np.asarray(mlp0.down_proj.perm[...])
+    report = fuse_projections(model)
+    assert (report.fused, report.folded, report.skipped) == (4, 2, ())
+    assert mlp0.down_proj.input_permuted and mlp0.down_proj.perm is not None
+    gu = np.asarray(mlp0.gate_up_proj.dequantized_weight())
+    np.testing.assert_array_equal(gu[:, :192], gate_cols[:, perm])  # gate column i is the old column perm[i]
+    assert model.model.layers[1].mlp.gate_up_proj.weight().parts == (192, 192)
+    np.testing.assert_allclose(np.asarray(model(ids)), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="unfuse_projections"):
+        apply_lora(model, LoraConfig(r=2, target_modules=("down_proj",)), nnx.Rngs(0))
+    assert fuse_projections(model).fused == 0  # already fused: nothing folds twice
+    assert unfuse_projections(model) == 4
+    assert not mlp0.down_proj.input_permuted
+    after = model_to_state_dict(model)
+    assert set(after) == set(before)
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)

@@ -15,8 +15,14 @@ one permutation per part (`GPTQWeight.parts`), the kernel gathers x once per par
 every column block reads its own part's rows. That needs part boundaries on multiples of 16 columns (true of every
 LLaMA-family shape; a model where it is not keeps those layers separate, counted in the result).
 
-A fused model is for inference (`generate`, `eval`): saving refuses it and LoRA finds no q/k/v to target;
-`unfuse_projections` restores the original modules exactly.
+Act-order down projections: the MLP multiplies silu(gate) * up element-wise, so when down_proj reads its input
+through a permutation (kernel row i is input feature perm[i]), gate and up can emit their output columns already in
+that order (new column i = old column perm[i], exact). `fuse_projections` does so for every MLP whose gate/up it
+fuses, and marks down_proj `input_permuted`: its kernel then skips the gather of x, one of the four gathers an
+act-order layer pays per call at decode (benchmarks/RESULTS.md, eighth and ninth sessions).
+
+A fused model is for inference (`generate`, `eval`): saving refuses it and LoRA finds no q/k/v to target (nor an
+`input_permuted` down_proj); `unfuse_projections` restores the original modules exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from gptq_jax.models.linear import Linear
 from gptq_jax.models.quant_linear import QuantLinear
 from pallas_kernels.gptq_layout import PART_ALIGN, GPTQWeight, column_slice, pad_columns, zero_point
 
-__all__ = ["FusionReport", "fuse_projections", "unfuse_projections", "concatenate_linears", "split_linear"]
+__all__ = ["FusionReport", "fuse_projections", "unfuse_projections", "concatenate_linears", "split_linear",
+           "permute_output_columns"]
 
 _GROUPS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj")))
 
@@ -41,6 +48,7 @@ _GROUPS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate
 class FusionReport:
     fused: int  # fused groups made (one per attention, one per MLP)
     skipped: tuple[str, ...]  # "model.layers.3.self_attn: why", for groups left separate
+    folded: int = 0  # MLPs whose act-order down_proj permutation went into the gate/up columns
 
 
 def concatenate_linears(parts: list) -> Linear | QuantLinear:
@@ -110,6 +118,39 @@ def _concat_columns(arrays: list[jax.Array], ws: list[GPTQWeight]) -> jax.Array:
     return pad_columns(jnp.concatenate([a[:, : w.out_features] for a, w in zip(arrays, ws)], axis=1))
 
 
+def permute_output_columns(lin, perm: np.ndarray) -> Linear | QuantLinear:
+    """`lin` with its output columns reordered: new column i = old column perm[i] (exact; a fused weight with
+    several permutations is refused)."""
+    perm = np.asarray(perm)
+    if isinstance(lin, QuantLinear):
+        w = lin.weight()
+        if w.parts:
+            raise ValueError("a fused weight with several permutations")
+        cols = lambda a: pad_columns(a[:, : w.out_features][:, perm])  # noqa: E731
+        w = dataclasses.replace(w, planes=tuple(cols(q) for q in w.planes), scales=cols(w.scales),
+                                zeros=None if w.zeros is None else cols(w.zeros))
+        bias = None if lin.bias is None else lin.bias[...][perm]
+        return QuantLinear(bias=bias, bits=lin.bits, checkpoint_format=lin.checkpoint_format, dtype=lin.dtype,
+                           out_dtype=lin.out_dtype, weight=w, scales_dtype=lin.scales_dtype)
+    if isinstance(lin, Linear):
+        out = nnx.eval_shape(lambda: Linear(lin.in_features, lin.out_features, use_bias=lin.bias is not None,
+                                            dtype=lin.dtype, param_dtype=lin.kernel.get_value().dtype,
+                                            out_dtype=lin.out_dtype, rngs=nnx.Rngs(0)))
+        out.kernel.set_value(lin.kernel[...][:, perm])
+        if lin.bias is not None:
+            out.bias.set_value(lin.bias[...][perm])
+        return out
+    raise ValueError(f"cannot permute the columns of a {type(lin).__name__}")
+
+
+def _down_permutation(m) -> np.ndarray | None:
+    """The input permutation of an MLP's down_proj that gate/up can take over, or None."""
+    down = getattr(m, "down_proj", None)
+    if not isinstance(down, QuantLinear) or down.perm is None or down.parts or down.input_permuted:
+        return None
+    return np.asarray(down.perm[...])
+
+
 def split_linear(fused, sizes: list[int]) -> list:
     """The inverse of `concatenate_linears`: one linear per output width in `sizes` (exact)."""
     edges = np.cumsum([0, *sizes])
@@ -151,20 +192,27 @@ def _owners(model: nnx.Module):
 
 def fuse_projections(model: nnx.Module) -> FusionReport:
     """Fuse every attention's q/k/v and every MLP's gate/up in place (see the module docstring)."""
-    fused, skipped = 0, []
+    fused, skipped, folded = 0, [], 0
     for where, m, fused_name, names in list(_owners(model)):
         if getattr(m, fused_name) is not None:
             continue
+        perm = _down_permutation(m) if fused_name == "gate_up_proj" else None
         try:
-            one = concatenate_linears([getattr(m, n) for n in names])
+            parts = [getattr(m, n) for n in names]
+            if perm is not None:
+                parts = [permute_output_columns(p, perm) for p in parts]
+            one = concatenate_linears(parts)
         except ValueError as e:
             skipped.append(f"{where}: {e}")
             continue
         setattr(m, fused_name, one)
         for n in names:
             setattr(m, n, None)
+        if perm is not None:
+            m.down_proj.input_permuted = True
+            folded += 1
         fused += 1
-    return FusionReport(fused, tuple(skipped))
+    return FusionReport(fused, tuple(skipped), folded)
 
 
 def unfuse_projections(model: nnx.Module) -> int:
@@ -179,7 +227,13 @@ def unfuse_projections(model: nnx.Module) -> int:
             sizes = [nq, nk, nk]
         else:
             sizes = [m.intermediate_size, m.intermediate_size]
-        for n, lin in zip(names, split_linear(one, sizes)):
+        lins = split_linear(one, sizes)
+        down = getattr(m, "down_proj", None) if fused_name == "gate_up_proj" else None
+        if isinstance(down, QuantLinear) and down.input_permuted:
+            inverse = np.argsort(np.asarray(down.perm[...]))
+            lins = [permute_output_columns(lin, inverse) for lin in lins]
+            down.input_permuted = False
+        for n, lin in zip(names, lins):
             setattr(m, n, lin)
         setattr(m, fused_name, None)
         count += 1

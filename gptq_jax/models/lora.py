@@ -189,7 +189,8 @@ def lora_layers(model: nnx.Module) -> dict[str, LoraLinear]:
 def apply_lora(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> list[str]:
     """Wrap every targeted linear of `model` in a LoraLinear (in place); returns the wrapped module names.
 
-    Raises ValueError naming the patterns if nothing matches, or if the model already has adapters.
+    Raises ValueError naming the patterns if nothing matches, if the model already has adapters, or if a target
+    reads a permuted input (an act-order down_proj in a fused model, gptq_jax.models.fusion).
     """
     if lora_layers(model):
         raise ValueError("the model already has LoRA adapters (remove_lora first)")
@@ -200,6 +201,10 @@ def apply_lora(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> list[st
             f"target_modules {config.target_modules!r} matches no linear layer of the model (its linears are "
             f"named like {', '.join(names[:3])}, ...)"
         )
+    folded = [p for p in targets if getattr(get_submodule(model, p), "input_permuted", False)]
+    if folded:
+        raise ValueError(f"{folded[0]} reads its input in the order fused projections gave it (inference only): "
+                         "call gptq_jax.models.fusion.unfuse_projections(model) before adding adapters")
     for path in targets:
         base = get_submodule(model, path)
         replace_linear(model, path, LoraLinear(base, config, rngs))

@@ -30,6 +30,7 @@ layers + ordinary tensors) without ever materialising dense weights for the quan
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import jax
@@ -137,6 +138,7 @@ class QuantLinear(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.out_dtype = None if out_dtype is None else jnp.dtype(out_dtype)
         self.capture_input = False
+        self.input_permuted = False  # x arrives already in kernel row order (gptq_jax.models.fusion): no gather
         self.planes = nnx.List([QuantTensor(p) for p in w.planes])
         self.scales = QuantTensor(w.scales)
         self.zeros = None if w.zeros is None else QuantTensor(w.zeros)
@@ -177,7 +179,10 @@ class QuantLinear(nnx.Module):
         if self.capture_input:
             self.sow(nnx.Intermediate, INPUTS, x)
         bias = None if self.bias is None else self.bias[...]
-        return gptq_linear(x.astype(self.dtype), self.weight(), bias, out_dtype=self.out_dtype or self.dtype)
+        w = self.weight()
+        if self.input_permuted:
+            w = dataclasses.replace(w, perm=None)
+        return gptq_linear(x.astype(self.dtype), w, bias, out_dtype=self.out_dtype or self.dtype)
 
     def to_torch_tensors(self) -> dict[str, np.ndarray]:
         """{"qweight", "qzeros", "scales", "g_idx"[, "bias"]} as numpy in the AutoGPTQ layout, zero points encoded
