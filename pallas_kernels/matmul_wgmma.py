@@ -88,9 +88,6 @@ class WgmmaConfig:
     split_k: programs per output tile along K (fp32 partials summed by XLA when > 1); it must divide the stages.
     tiles_n: A tiles (64 output columns each) per compute warpgroup, 1 or 2 (2: block_m <= 128): 128 or 256
         output columns per program. Two halve the x tiles streamed per weight byte.
-    pdl, prefetch_rows: EXPERIMENT (benchmarks/experiments/pdl_chain.py, removed after): griddepcontrol.wait at
-        kernel start (JAX 0.11 then launches the kernel early: programmatic dependent launch), after an L2 prefetch
-        of this program's first `prefetch_rows` word rows.
     """
 
     block_m: int = 128
@@ -98,8 +95,6 @@ class WgmmaConfig:
     max_concurrent_steps: int = 4
     split_k: int = 1
     tiles_n: int = 1
-    pdl: bool = False
-    prefetch_rows: int = 0
 
     def __post_init__(self):
         if self.block_m not in (16, 32, 64, 128, 192, 256):
@@ -322,16 +317,6 @@ def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None
             (w_gmem, x_gmem, s_gmem, out_gmem), z_gmem = refs, None
         ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
         wg = lax.axis_index("wg")
-        if cfg.prefetch_rows:  # this program's first word rows (weights only: x is the preceding kernel's output)
-            nrows = min(cfg.prefetch_rows, per * WORDS_PER_TILE * t)
-
-            @pl.when(wg == 2)
-            def _prefetch():
-                for r0 in range(0, nrows, 256):
-                    plgpu.async_prefetch(w_gmem.at[pl.ds(si * per * WORDS_PER_TILE * t + r0, min(256, nrows - r0)),
-                                                   pl.ds(ni * bn, bn)])
-        if cfg.pdl:
-            plgpu.griddepcontrol_wait()
         cols = [pl.ds((wg * tn + u) * TILE_N, TILE_N) for u in range(tn)]  # this warpgroup's A tiles
         first = si * per  # first stage of this program
 
