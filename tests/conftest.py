@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -32,6 +33,17 @@ SMOLLM2_DIR = SHARED_DATA / "models" / "smollm2-135m-instruct-q4_1-gguf"
 SMOLLM2_GGUF = SMOLLM2_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HF = SMOLLM2_DIR / "hf"
 TEXT_DIR = SHARED_DATA / "text"
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_torch():
+    """transformers' SmolLM2 from the GGUF (its own loader, float32, eval mode), loaded once per test session (about
+    30 s on 2 cores). Shared by several test files: callers must not modify it (hooks they add, they remove)."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF.name,
+                                                             dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")

@@ -315,8 +315,8 @@ def test_smollm2_finetune_lowers_tinystories_ppl(tmp_path):
     loaded = model_io.load_model(str(SMOLLM2_GGUF))
     assert len(quantize_rtn_inplace(loaded.model, bits=4, group_size=64)) == 30 * 7
     qt_before = [np.array(v) for v in jax.tree.leaves(nnx.state(loaded.model, QuantTensor))]
-    cfg = ft.TrainConfig(steps=10, batch_size=2, seqlen=128, lr=2e-3, warmup_steps=2, eval_windows=8,
-                         eval_batch_size=8, log_every=5)
+    cfg = ft.TrainConfig(steps=4, batch_size=2, seqlen=128, lr=3e-3, warmup_steps=1, eval_windows=4,
+                         eval_batch_size=4, log_every=2)
     lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                       target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     res = ft.finetune(loaded, "tinystories", tmp_path / "adapter", lcfg, cfg)

@@ -13,7 +13,7 @@ import transformers
 
 from converters.gguf import read_gguf
 from gptq_jax.models import ModelConfig, jit_forward, model_from_state_dict
-from tests.conftest import SMOLLM2_DIR, SMOLLM2_GGUF, SMOLLM2_HF
+from tests.conftest import SMOLLM2_GGUF, SMOLLM2_HF, smollm2_torch
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2():
     config, tensors = read_gguf(SMOLLM2_GGUF)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF.name, dtype=torch.float32
-    ).eval()
-    return config, tensors, ref
+    return config, tensors, smollm2_torch()
 
 
 def test_gguf_tensors_identical_to_transformers_loader(smollm2):

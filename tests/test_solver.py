@@ -19,7 +19,7 @@ from gptq_jax.config import QuantizeConfig
 from gptq_jax.hessian import accumulate, init_hessian
 from gptq_jax.solver import GPTQResult, dequantize_result, gptq, gptq_stacked, hinv_upper, layer_output_error, rtn
 from tests import gptq_reference_f64 as ref
-from tests.conftest import SMOLLM2_DIR, SMOLLM2_GGUF, TEXT_DIR
+from tests.conftest import SMOLLM2_DIR, TEXT_DIR, smollm2_torch
 from tests.test_hessian import stories_inputs
 
 TIE_TOL = 1e-4  # |x/scale - (k + 1/2)| below this (in code units) is a rounding tie: either code is right
@@ -427,10 +427,9 @@ def smollm2_layer(layer: int = 10):
     import json
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF.name,
-                                                 dtype=torch.float32).eval()
+    model = smollm2_torch()
     tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR / "hf")
     lines = [json.loads(s)["text"] for s in (TEXT_DIR / "wikitext2_raw_test.jsonl").read_text().splitlines()[:1200]]
     ids = tok("".join(lines), return_tensors="pt").input_ids[:, :3072].reshape(12, 256)
