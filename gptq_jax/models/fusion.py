@@ -80,19 +80,30 @@ def concatenate_linears(parts: list) -> Linear | QuantLinear:
             perm=perm, bits=first.bits, group_size=first.group_size, in_features=first.in_features,
             out_features=n, parts=widths)
         bias = None if first.bias is None else jnp.concatenate([p.bias[...] for p in parts])
-        return QuantLinear(bias=bias, bits=first.bits, checkpoint_format=first.checkpoint_format, dtype=first.dtype,
-                           out_dtype=first.out_dtype, weight=w, scales_dtype=first.scales_dtype)
+        return _quant_like(first, w, bias)
     if isinstance(first, Linear):
         if len({(p.dtype, p.out_dtype, p.kernel.get_value().dtype) for p in parts}) != 1:
             raise ValueError("dtypes differ")
-        out = nnx.eval_shape(lambda: Linear(first.in_features, n, use_bias=first.bias is not None, dtype=first.dtype,
-                                            param_dtype=first.kernel.get_value().dtype, out_dtype=first.out_dtype,
-                                            rngs=nnx.Rngs(0)))
-        out.kernel.set_value(jnp.concatenate([p.kernel[...] for p in parts], axis=1))
-        if first.bias is not None:
-            out.bias.set_value(jnp.concatenate([p.bias[...] for p in parts]))
-        return out
+        bias = None if first.bias is None else jnp.concatenate([p.bias[...] for p in parts])
+        return _dense_like(first, jnp.concatenate([p.kernel[...] for p in parts], axis=1), bias)
     raise ValueError(f"cannot fuse {type(first).__name__} layers")
+
+
+def _quant_like(template: QuantLinear, w: GPTQWeight, bias) -> QuantLinear:
+    """A QuantLinear with template's settings (bits, format, dtypes) holding kernel-layout weight w and bias."""
+    return QuantLinear(bias=bias, bits=template.bits, checkpoint_format=template.checkpoint_format,
+                       dtype=template.dtype, out_dtype=template.out_dtype, weight=w, scales_dtype=template.scales_dtype)
+
+
+def _dense_like(template: Linear, kernel: jax.Array, bias: jax.Array | None) -> Linear:
+    """A Linear with template's dtypes holding kernel (in_features, N) and bias (N,) or None."""
+    out = nnx.eval_shape(lambda: Linear(template.in_features, kernel.shape[1], use_bias=bias is not None,
+                                        dtype=template.dtype, param_dtype=template.kernel.get_value().dtype,
+                                        out_dtype=template.out_dtype, rngs=nnx.Rngs(0)))
+    out.kernel.set_value(kernel)
+    if bias is not None:
+        out.bias.set_value(bias)
+    return out
 
 
 def _shared_permutation(ws: list[GPTQWeight]) -> tuple[jax.Array | None, tuple[int, ...]]:
@@ -129,17 +140,9 @@ def permute_output_columns(lin, perm: np.ndarray) -> Linear | QuantLinear:
         cols = lambda a: pad_columns(a[:, : w.out_features][:, perm])  # noqa: E731
         w = dataclasses.replace(w, planes=tuple(cols(q) for q in w.planes), scales=cols(w.scales),
                                 zeros=None if w.zeros is None else cols(w.zeros))
-        bias = None if lin.bias is None else lin.bias[...][perm]
-        return QuantLinear(bias=bias, bits=lin.bits, checkpoint_format=lin.checkpoint_format, dtype=lin.dtype,
-                           out_dtype=lin.out_dtype, weight=w, scales_dtype=lin.scales_dtype)
+        return _quant_like(lin, w, None if lin.bias is None else lin.bias[...][perm])
     if isinstance(lin, Linear):
-        out = nnx.eval_shape(lambda: Linear(lin.in_features, lin.out_features, use_bias=lin.bias is not None,
-                                            dtype=lin.dtype, param_dtype=lin.kernel.get_value().dtype,
-                                            out_dtype=lin.out_dtype, rngs=nnx.Rngs(0)))
-        out.kernel.set_value(lin.kernel[...][:, perm])
-        if lin.bias is not None:
-            out.bias.set_value(lin.bias[...][perm])
-        return out
+        return _dense_like(lin, lin.kernel[...][:, perm], None if lin.bias is None else lin.bias[...][perm])
     raise ValueError(f"cannot permute the columns of a {type(lin).__name__}")
 
 
@@ -166,21 +169,10 @@ def split_linear(fused, sizes: list[int]) -> list:
                 w = dataclasses.replace(w, perm=None)  # the part had no act-order
             if w.zeros is not None and bool(jnp.all(w.zeros[:, : b - a] == zp)):
                 w = dataclasses.replace(w, zeros=None)  # all zero points 2^(bits-1): symmetric again
-            bias = None if fused.bias is None else fused.bias[...][a:b]
-            out.append(QuantLinear(bias=bias, bits=fused.bits, checkpoint_format=fused.checkpoint_format,
-                                   dtype=fused.dtype, out_dtype=fused.out_dtype, weight=w,
-                                   scales_dtype=fused.scales_dtype))
+            out.append(_quant_like(fused, w, None if fused.bias is None else fused.bias[...][a:b]))
         return out
-    out = []
-    for a, b in zip(edges[:-1], edges[1:]):
-        lin = nnx.eval_shape(lambda: Linear(fused.in_features, int(b - a), use_bias=fused.bias is not None,
-                                            dtype=fused.dtype, param_dtype=fused.kernel.get_value().dtype,
-                                            out_dtype=fused.out_dtype, rngs=nnx.Rngs(0)))
-        lin.kernel.set_value(fused.kernel[...][:, a:b])
-        if fused.bias is not None:
-            lin.bias.set_value(fused.bias[...][a:b])
-        out.append(lin)
-    return out
+    return [_dense_like(fused, fused.kernel[...][:, a:b], None if fused.bias is None else fused.bias[...][a:b])
+            for a, b in zip(edges[:-1], edges[1:])]
 
 
 def _owners(model: nnx.Module):
