@@ -4,10 +4,11 @@ dequantize-then-dot, on one CUDA GPU.
 Method (every contender the same way): device time of R calls issued back to back, each call a distinct
 (x, weight) pair, rotating among C separate weight buffers whose total size is >= 256 MB (the H100's L2 is 50 MB,
 so weights come from HBM); a separate buffer per copy (indexing a stacked array makes XLA copy the slice).
-JAX: one jitted function performs the R calls; it is dispatched `outer` times without syncing in between (the
-host's dispatch overlaps the device work) and the wall time of the whole sequence, after a warm-up, divided by
-outer*R is the per-call time; the median of 3 such measurements is reported. torch: the same rotation between
-CUDA events.
+JAX: one jitted function performs the R calls; after a warm-up dispatch, one dispatch runs under
+`jax.profiler.trace` and the summed duration of its GPU kernels, divided by R, is the per-call time (every kernel
+of a call counts: ours includes the split-K sum). torch: the same R calls captured in one CUDA graph, replayed
+between CUDA events (median of 3). Neither figure contains host launch time. (Until the thirteenth session this
+was wall-clock time of several dispatches, which read 2-8 us per call more: RESULTS.md.)
 
     python benchmarks/bench_kernels.py --sweep            # kernel variants on a few shapes (tuning)
     python benchmarks/bench_kernels.py --full --out DIR   # the RESULTS.md table, JSON and plot
@@ -89,8 +90,14 @@ def nbytes(tree) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
-def jax_time(fn, ws, xs, reps: int, outer: int = 4, trials: int = 3) -> float:
-    """Seconds per call of fn(x, w), calls r = 0..reps-1 on (xs[r // len(ws)], ws[r % len(ws)])."""
+def jax_time(fn, ws, xs, reps: int) -> float:
+    """Device seconds per call of fn(x, w), calls r = 0..reps-1 on (xs[r // len(ws)], ws[r % len(ws)]).
+
+    GPU: the summed duration of the GPU kernels of one dispatch of the jitted sequence, from a `jax.profiler`
+    trace (CUPTI's device timestamps), divided by reps: device time, whatever the host's launch rate (a
+    wall-clock over the same dispatch read up to 8 us per call more on short kernels: RESULTS.md, thirteenth
+    session). CPU (--dry): wall clock of the same dispatch.
+    """
     c = len(ws)
 
     @jax.jit
@@ -99,32 +106,60 @@ def jax_time(fn, ws, xs, reps: int, outer: int = 4, trials: int = 3) -> float:
         # x1 @ w into one dot, reading w once: that once made fp16 "dense" look 3x faster than HBM allows)
         return [fn(*jax.lax.optimization_barrier((xs[r // c], ws[r % c]))) for r in range(reps)]
 
-    out = run(ws, xs)
-    jax.block_until_ready(out)
-    del out
-    times = []
-    for _ in range(trials):
+    jax.block_until_ready(run(ws, xs))
+    if jax.default_backend() != "gpu":
         t0 = time.perf_counter()
-        outs = [run(ws, xs) for _ in range(outer)]
-        jax.block_until_ready(outs)
-        times.append((time.perf_counter() - t0) / (outer * reps))
-        del outs
-    return float(np.median(times))
+        jax.block_until_ready(run(ws, xs))
+        return (time.perf_counter() - t0) / reps
+    return device_seconds(lambda: jax.block_until_ready(run(ws, xs))) / reps
+
+
+def device_seconds(work) -> float:
+    """Summed duration (s) of the GPU kernels that `work()` runs, from a jax.profiler trace."""
+    import glob
+    import gzip
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="bench_kernels_trace_")
+    try:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            work()
+        ev = json.load(gzip.open(glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)[0]))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    ev = ev["traceEvents"] if isinstance(ev, dict) else ev
+    gpu_pids = {e["pid"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "GPU" in str(e["args"].get("name", ""))}
+    kernels = [e["dur"] for e in ev if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+    if not kernels:
+        raise RuntimeError("the profiler trace holds no GPU kernel")
+    return sum(kernels) * 1e-6
 
 
 def torch_time(ws, x, reps: int, trials: int = 3) -> float:
+    """Device seconds per torch.matmul(x, w): reps matmuls (rotating over ws) captured in one CUDA graph, replayed
+    between CUDA events (no host launch in the measured interval); median of `trials` replays."""
     import torch
 
     c = len(ws)
-    for r in range(c):
-        torch.matmul(x, ws[r])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (cuBLAS workspace, heuristics) before capture
+        for r in range(c):
+            torch.matmul(x, ws[r])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for r in range(reps):
+            torch.matmul(x, ws[r % c])
+    graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(trials):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
-        for r in range(reps):
-            torch.matmul(x, ws[r % c])
+        graph.replay()
         e1.record()
         torch.cuda.synchronize()
         times.append(e0.elapsed_time(e1) * 1e-3 / reps)
@@ -186,12 +221,9 @@ def check_correct(w, cfg, m, dtype=jnp.float16, seed=0):
 
 def load_only(w: L.GPTQWeight, bn: int, splits: int, u: int, warps: int, evict: bool):
     """Diagnostic: the kernel's weight stream with no dequantization (sums the words), same grid and tiles."""
-    import functools
-
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    plane = w.planes[0]
     rows = L.SUB_ROWS[w.bits]
     steps = w.num_steps
 
