@@ -38,11 +38,16 @@ TEXT_DIR = SHARED_DATA / "text"
 @functools.lru_cache(maxsize=1)
 def smollm2_torch():
     """transformers' SmolLM2 from the GGUF (its own loader, float32, eval mode), loaded once per test session (about
-    30 s on 2 cores). Shared by several test files: callers must not modify it (hooks they add, they remove)."""
+    20 s on 2 cores). Shared by several test files: callers must not modify it (hooks they add, they remove).
+
+    The config is hf/config.json, which transformers' GGUF loader derived from this file's metadata (SOURCES.md):
+    passed in, it spares a second full parse of the GGUF (its 49,152-token vocabulary, about 6 s); the weights are
+    still dequantized and un-permuted by transformers' loader, and come out identical."""
     import torch
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF.name,
+    config = transformers.AutoConfig.from_pretrained(SMOLLM2_HF)
+    return transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF.name, config=config,
                                                              dtype=torch.float32).eval()
 
 

@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct (the real 4-bit GGUF, dequantized): our GGUF reader and Flax model vs transformers.
 
-References: transformers' own GGUF loader (``from_pretrained(dir, gguf_file=..., dtype=float32)``), which
-dequantizes and un-permutes independently of converters/gguf.py, and its PyTorch LlamaForCausalLM.
+References: transformers' own GGUF loader (``from_pretrained(dir, gguf_file=..., dtype=float32)``, given
+hf/config.json, the config that loader derived from this GGUF: conftest.smollm2_torch), which dequantizes and
+un-permutes independently of converters/gguf.py, and its PyTorch LlamaForCausalLM.
 """
 
 from __future__ import annotations
