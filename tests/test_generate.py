@@ -407,17 +407,29 @@ def test_cli_bench_generate_act_order(capsys):
 # SmolLM2 vs transformers (the real model)
 
 
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2 loaded once for this file's two SmolLM2 tests (generation does not modify the model)."""
+    return model_io.load_model(str(SMOLLM2_GGUF))
+
+
 @pytest.mark.slow
-def test_smollm2_greedy_equals_transformers_generate():
-    loaded = model_io.load_model(str(SMOLLM2_GGUF))
+def test_smollm2_greedy_equals_transformers_generate(smollm2):
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
     from gptq_jax.models import model_to_state_dict
 
+    loaded = smollm2
     tensors = model_to_state_dict(loaded.model)  # the GGUF's dequantized float32 weights, HF names
-    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(SMOLLM2_HF)).eval()
+    with no_init_weights():  # every weight is loaded below: skip the random init (3-5 s for 135M parameters)
+        ref = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(SMOLLM2_HF)).eval()
     missing, unexpected = ref.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()},
                                               strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     ref.tie_weights()
+    assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()  # lm_head = loaded embeddings
     tok = loaded.tokenizer
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,"]
     eos = G.default_eos(loaded.model, tok)
@@ -462,8 +474,8 @@ def test_sliding_window_and_gqa_cached_logits_equal_full_forward():
 
 
 @pytest.mark.slow
-def test_smollm2_chat_template_prompt():
-    loaded = model_io.load_model(str(SMOLLM2_GGUF))
+def test_smollm2_chat_template_prompt(smollm2):
+    loaded = smollm2
     tok = loaded.tokenizer
     ids = G.encode_prompts(tok, ["What is 2+2?"], chat=True)[0]
     text = tok.decode(ids)
