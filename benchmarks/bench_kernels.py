@@ -7,8 +7,9 @@ so weights come from HBM); a separate buffer per copy (indexing a stacked array 
 JAX: one jitted function performs the R calls; after a warm-up dispatch, one dispatch runs under
 `jax.profiler.trace` and the summed duration of its GPU kernels, divided by R, is the per-call time (every kernel
 of a call counts: ours includes the split-K sum). torch: the same R calls captured in one CUDA graph, replayed
-between CUDA events (median of 3). Neither figure contains host launch time. (Until the thirteenth session this
-was wall-clock time of several dispatches, which read 2-8 us per call more: RESULTS.md.)
+between CUDA events (median of 3). Neither figure contains host launch time; the torch figure does contain the
+graph's small device-side gaps between kernels (well under 1 us each), the JAX one none. (Until the thirteenth
+session this was wall-clock time of several dispatches, which read 2-8 us per call more: RESULTS.md.)
 
     python benchmarks/bench_kernels.py --sweep            # kernel variants on a few shapes (tuning)
     python benchmarks/bench_kernels.py --full --out DIR   # the RESULTS.md table, JSON and plot
