@@ -115,14 +115,15 @@ def jax_time(fn, ws, xs, reps: int) -> float:
     return device_seconds(lambda: jax.block_until_ready(run(ws, xs))) / reps
 
 
-def device_seconds(work) -> float:
-    """Summed duration (s) of the GPU kernels that `work()` runs, from a jax.profiler trace."""
+def gpu_kernels(work) -> list[dict]:
+    """The GPU kernel events that `work()` runs (trace-event dicts: "name", "ts" and "dur" in us), in time order,
+    from a jax.profiler trace."""
     import glob
     import gzip
     import shutil
     import tempfile
 
-    d = tempfile.mkdtemp(prefix="bench_kernels_trace_")
+    d = tempfile.mkdtemp(prefix="gptq_jax_trace_")
     try:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             work()
@@ -132,10 +133,16 @@ def device_seconds(work) -> float:
     ev = ev["traceEvents"] if isinstance(ev, dict) else ev
     gpu_pids = {e["pid"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "GPU" in str(e["args"].get("name", ""))}
-    kernels = [e["dur"] for e in ev if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e]
+    return sorted((e for e in ev if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e),
+                  key=lambda e: e["ts"])
+
+
+def device_seconds(work) -> float:
+    """Summed duration (s) of the GPU kernels that `work()` runs."""
+    kernels = gpu_kernels(work)
     if not kernels:
         raise RuntimeError("the profiler trace holds no GPU kernel")
-    return sum(kernels) * 1e-6
+    return sum(e["dur"] for e in kernels) * 1e-6
 
 
 def torch_time(ws, x, reps: int, trials: int = 3) -> float:

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks.bench_kernels import gpu_kernels  # noqa: E402
 from gptq_jax import generate as gen  # noqa: E402
 from gptq_jax.models.fusion import fuse_projections  # noqa: E402
 
@@ -38,14 +34,7 @@ def main() -> None:
     prompts = [[5] * 128]
     kw = dict(max_new_tokens=args.steps, eos_token_ids=(), max_length=256 + args.steps)
     gen.generate_ids(model, prompts, **kw)  # compile
-    trace_dir = tempfile.mkdtemp(prefix="profile_decode_")
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        gen.generate_ids(model, prompts, **kw)
-    ev = json.load(gzip.open(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]))
-    ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-    pname = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = sorted((e for e in ev if e.get("ph") == "X" and "GPU" in str(pname.get(e.get("pid"), "")) and "dur" in e),
-                 key=lambda e: e["ts"])
+    gpu = gpu_kernels(lambda: gen.generate_ids(model, prompts, **kw))
     steps = args.steps
     busy = sum(e["dur"] for e in gpu)
     print(f"GPU events {len(gpu)}, busy {busy / steps / 1e3:.3f} ms per step (prefill included, spread over the "
