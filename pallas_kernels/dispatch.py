@@ -115,6 +115,13 @@ WGMMA_MIN_ELEMENTS = ((32, 64 << 20), (64, 32 << 20))  # ... and, up to (rows, K
 WGMMA_FULL_GRID = 132  # programs that fill the H100 once (one per SM): smaller grids split K ...
 WGMMA_PROGRAMS = 264  # ... into at most this many programs (from 65 rows; below, see choose_wgmma)
 WGMMA_MIN_PROGRAMS = 120  # below 65 rows a split grid must reach about one wave, else the Triton kernels run
+# From 129 rows (fourteenth session, 2026-11-24, device time): two A tiles per warpgroup (256 columns per program, so
+# each x tile in shared memory serves twice the weight) with 3 pipeline stages, wherever that grid still fills the
+# GPU without K splits: 8192x28672 M = 256 186.7 us vs 203.0, M = 2048 1355.8 vs 1490.5; 28672x8192 M = 2048 1345.4
+# vs 1484.7; 8192x8192 M = 2048 406.0 vs 439.8. Grids that would need K splits lose (8192x8192 M = 256 70.8 vs 63.1,
+# 4096x11008 M = 256 60.8 vs 54.2), as does M = 128 (8192x28672 110.4 vs 102.3).
+WGMMA_WIDE_MIN_M = 129
+WGMMA_WIDE_STAGES = 3
 
 
 def _largest_split(stages: int, tiles: int, lo: int, hi: int) -> int | None:
@@ -126,7 +133,8 @@ def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | Non
     """wgmma kernel configuration for M rows of x in dtype on weight w, or None (use the Triton/XLA paths).
     Assumes a Hopper GPU (see `gptq_linear`).
 
-    From 65 rows: every supported weight; K splits only for grids under one wave. Below: weights at least
+    From 65 rows: every supported weight; K splits only for grids under one wave; from WGMMA_WIDE_MIN_M rows, two
+    A tiles per warpgroup where that grid still fills the GPU unsplit. Below 65 rows: weights at least
     WGMMA_MIN_TILES column tiles wide (no split), or large ones (WGMMA_MIN_ELEMENTS) whose grid splits into
     WGMMA_MIN_PROGRAMS..WGMMA_FULL_GRID programs with two A tiles per warpgroup (half the x traffic), else into
     up to WGMMA_PROGRAMS with one."""
@@ -136,6 +144,8 @@ def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | Non
     tiles = (w.n_pad // matmul_wgmma.BLOCK_N) * -(-m // bm)
     stages = matmul_wgmma.num_stages(w, 2)
     config = functools.partial(matmul_wgmma.WgmmaConfig, block_m=bm, tiles_per_stage=2, max_concurrent_steps=4)
+    if m >= WGMMA_WIDE_MIN_M and w.n_pad % (2 * matmul_wgmma.BLOCK_N) == 0 and tiles // 2 >= WGMMA_FULL_GRID:
+        return config(split_k=1, tiles_n=2, max_concurrent_steps=WGMMA_WIDE_STAGES)
     if m > 64:
         split = _largest_split(stages, tiles, 0, WGMMA_PROGRAMS) if tiles < WGMMA_FULL_GRID else 1
         return config(split_k=split)

@@ -136,7 +136,9 @@ def test_dispatch_choice():
     assert D.choose_wgmma(narrow, 64, jnp.float16) is None
     c = D.choose_wgmma(narrow, 300, jnp.float16)
     assert c.block_m == 128 and c.split_k == 4  # 8 x 3 = 24 tiles; 4 stages of 128 rows, 24 x 4 <= 264 programs
-    assert D.choose_wgmma(wide, 300, jnp.float16).split_k == 1
+    # 96 two-tile column blocks x 3 row blocks fill the GPU unsplit: two A tiles per warpgroup, 3 stages
+    assert D.choose_wgmma(wide, 300, jnp.float16) == W.WgmmaConfig(block_m=128, tiles_n=2, max_concurrent_steps=3)
+    assert D.choose_wgmma(wide, 128, jnp.float16) == W.WgmmaConfig(block_m=128)  # 96 two-tile blocks: one A tile
     tb, _ = make_layer(4, 8, 512, 24576, 128, True, False)
     assert D.choose_wgmma(prep(tb, 8), 300, jnp.float16) is None
 
@@ -164,7 +166,11 @@ def test_dispatch_choice_below_65_rows_on_large_narrow_weights():
     assert D.choose_wgmma(shaped_weight(4096, 4096), 64, jnp.float16) is None  # 16.8M elements
     assert D.choose_wgmma(shaped_weight(11008, 4096), 64, jnp.float16) is None  # 86 stages: 64 or 1376 programs
     assert D.choose_wgmma(shaped_weight(4096, 22016), 16, jnp.float16) == W.WgmmaConfig(block_m=16)  # 172 tiles
-    assert D.choose_wgmma(shaped_weight(4096, 4096), 300, jnp.float16).tiles_n == 1  # >= 65 rows: unchanged
+    assert D.choose_wgmma(shaped_weight(4096, 4096), 300, jnp.float16).tiles_n == 1  # 48 two-tile blocks
+    assert D.choose_wgmma(long_k, 256, jnp.float16) == W.WgmmaConfig(block_m=128, split_k=2)  # 32 x 2 two-tile
+    assert D.choose_wgmma(long_k, 2048, jnp.float16) == W.WgmmaConfig(block_m=128, tiles_n=2,
+                                                                        max_concurrent_steps=3)  # 32 x 16
+    assert D.choose_wgmma(shaped_weight(8192, 28672), 256, jnp.float16).tiles_n == 2  # 112 x 2
 
 
 GPU_CASES = [  # (k, n, m, group, sym, act, dtype, config)
@@ -177,6 +183,7 @@ GPU_CASES = [  # (k, n, m, group, sym, act, dtype, config)
     (2048, 640, 130, 32, True, True, "bf16", W.WgmmaConfig(block_m=192, max_concurrent_steps=2)),
     (1024, 768, 16, 64, False, True, "fp16", W.WgmmaConfig(block_m=16, tiles_n=2)),
     (2304, 512, 100, 128, True, False, "bf16", W.WgmmaConfig(block_m=128, tiles_n=2, split_k=3)),
+    (1024, 768, 300, 64, False, False, "fp16", W.WgmmaConfig(block_m=128, tiles_n=2, max_concurrent_steps=3)),
 ]
 
 
