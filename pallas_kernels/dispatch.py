@@ -108,7 +108,10 @@ def choose_config(w: GPTQWeight, m: int, table: tuple[Rule, ...] = TABLE) -> Ker
 # splits (Triton 43.5), but M = 16 29.6 (Triton 28.1); 4096x22016 M = 16 38.9 (Triton 44.8). A single wave of 128
 # programs beat two waves (28672x8192 M = 16: 7 splits, 224 programs, 65.3 us). With this rule (bench_kernels --full):
 # 28672x8192 M = 16 / 32 / 64 60.2 / 65.1 / 74.3 us (2.67x / 2.52x / 2.25x fp16), 8192x8192 M = 64 30.2 (Triton at
-# M = 16: 40.6), hence 8192x8192 (64M elements) from 3 rows too.
+# M = 16: 40.6), hence 8192x8192 (64M elements) from 3 rows too. Fourteenth session (2026-11-24, device time): the
+# wide weights take two A tiles per warpgroup, unsplit, too: 8192x28672 (112 programs instead of 224, under one
+# wave instead of 1.7) at M = 4 / 8 / 16 / 32 / 64 48.5 / 48.4 / 48.6 / 53.6 / 65.9 us vs 56.7 / 56.5 / 56.8 /
+# 63.1 / 73.0 (3.18-3.23x fp16 at 4-16 rows). Splitting that grid in two loses (57.0 us at M = 16).
 WGMMA_MIN_M = 3
 WGMMA_MIN_TILES = 192  # below 65 rows, weights this many 128-column tiles wide take the kernel ...
 WGMMA_MIN_ELEMENTS = ((32, 64 << 20), (64, 32 << 20))  # ... and, up to (rows, K x N), weights this large
@@ -135,7 +138,7 @@ def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | Non
 
     From 65 rows: every supported weight; K splits only for grids under one wave; from WGMMA_WIDE_MIN_M rows, two
     A tiles per warpgroup where that grid still fills the GPU unsplit. Below 65 rows: weights at least
-    WGMMA_MIN_TILES column tiles wide (no split), or large ones (WGMMA_MIN_ELEMENTS) whose grid splits into
+    WGMMA_MIN_TILES column tiles wide (no split; two A tiles per warpgroup where N allows), or large ones (WGMMA_MIN_ELEMENTS) whose grid splits into
     WGMMA_MIN_PROGRAMS..WGMMA_FULL_GRID programs with two A tiles per warpgroup (half the x traffic), else into
     up to WGMMA_PROGRAMS with one."""
     if m < WGMMA_MIN_M or not matmul_wgmma.supported(w, dtype):
@@ -150,7 +153,7 @@ def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | Non
         split = _largest_split(stages, tiles, 0, WGMMA_PROGRAMS) if tiles < WGMMA_FULL_GRID else 1
         return config(split_k=split)
     if tiles >= WGMMA_MIN_TILES:
-        return config(split_k=1)
+        return config(split_k=1, tiles_n=2 if w.n_pad % (2 * matmul_wgmma.BLOCK_N) == 0 else 1)
     if w.k_pad * w.n_pad < next(e for rows, e in WGMMA_MIN_ELEMENTS if m <= rows):
         return None
     if w.n_pad % (2 * matmul_wgmma.BLOCK_N) == 0:

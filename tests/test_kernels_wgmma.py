@@ -131,7 +131,7 @@ def test_dispatch_choice():
     t, _ = make_layer(4, 4, 512, 1024, 128, True, False)
     narrow = prep(t, 4)
     assert D.choose_wgmma(wide, 2, jnp.float16) is None
-    assert D.choose_wgmma(wide, 3, jnp.float16) == W.WgmmaConfig(block_m=16, split_k=1)
+    assert D.choose_wgmma(wide, 3, jnp.float16) == W.WgmmaConfig(block_m=16, tiles_n=2)  # 192 tiles: 96 blocks
     assert D.choose_wgmma(wide, 40, jnp.bfloat16).block_m == 64
     assert D.choose_wgmma(narrow, 64, jnp.float16) is None
     c = D.choose_wgmma(narrow, 300, jnp.float16)
@@ -171,6 +171,11 @@ def test_dispatch_choice_below_65_rows_on_large_narrow_weights():
     assert D.choose_wgmma(long_k, 2048, jnp.float16) == W.WgmmaConfig(block_m=128, tiles_n=2,
                                                                         max_concurrent_steps=3)  # 32 x 16
     assert D.choose_wgmma(shaped_weight(8192, 28672), 256, jnp.float16).tiles_n == 2  # 112 x 2
+    for m in (4, 16, 64):  # 224 column tiles: 112 two-tile programs, one wave, unsplit
+        assert D.choose_wgmma(shaped_weight(8192, 28672), m, jnp.float16) == W.WgmmaConfig(block_m=max(16, m),
+                                                                                           tiles_n=2)
+    wide_odd = shaped_weight(4096, 24704)  # 193 tiles: N is not a multiple of 256, one A tile per warpgroup
+    assert D.choose_wgmma(wide_odd, 16, jnp.float16) == W.WgmmaConfig(block_m=16)
 
 
 GPU_CASES = [  # (k, n, m, group, sym, act, dtype, config)
