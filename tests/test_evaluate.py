@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from gptq_jax import evaluate, model_io, texts
 from tests.conftest import SMOLLM2_DIR, STORIES_HF, smollm2_torch
@@ -53,6 +56,27 @@ def test_batching_does_not_change_the_result():
     one = evaluate.perplexity(loaded.model, ids, seqlen=128, max_windows=5, batch_size=1)
     three = evaluate.perplexity(loaded.model, ids, seqlen=128, max_windows=5, batch_size=3)  # padded last batch
     assert abs(one.nll - three.nll) < 1e-5
+
+
+def test_a_second_model_of_the_same_structure_reuses_the_compiled_program():
+    """Another checkpoint of the same architecture (here: the weights scaled) evaluates with the cached program:
+    no new compile, and the result follows the new weights."""
+    loaded = model_io.load_model(str(STORIES_HF))
+    ids = evaluate.tokenize_text(loaded.tokenizer, texts.load_text("tinystories"))
+    first = evaluate.perplexity(loaded.model, ids, seqlen=64, max_windows=2, batch_size=2)
+    programs = len(evaluate._NLL_PROGRAMS)
+    other = model_io.load_model(str(STORIES_HF)).model
+    graphdef, state = nnx.split(other)
+    state = jax.tree.map(lambda a: a * 0.5 if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+    other = nnx.merge(graphdef, state)
+    again = evaluate.perplexity(loaded.model, ids, seqlen=64, max_windows=2, batch_size=2)
+    scaled = evaluate.perplexity(other, ids, seqlen=64, max_windows=2, batch_size=2)
+    assert len(evaluate._NLL_PROGRAMS) == programs
+    assert again.nll == first.nll
+    assert again.compile_s < 0.2 * first.compile_s and scaled.compile_s < 0.2 * first.compile_s
+    assert abs(scaled.nll - first.nll) > 1e-3  # the new weights were used
+    evaluate.perplexity(loaded.model, ids, seqlen=32, max_windows=2, batch_size=2)  # another shape: compiled anew
+    assert len(evaluate._NLL_PROGRAMS) == programs + 1
 
 
 def test_seqlen_longer_than_context_is_refused():
