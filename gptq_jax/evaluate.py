@@ -3,8 +3,8 @@
 The whole split is joined with "\\n\\n" and tokenized once (`gptq_jax.texts.load_text`); the token stream is cut
 into non-overlapping windows of `seqlen` tokens starting at token 0 (the incomplete tail is dropped); each window
 is run alone (no BOS added, no context carried over) and predicts its tokens 2..seqlen. Perplexity is
-exp(total NLL / number of predicted tokens). Windows are batched and the forward pass is compiled once per model structure, batch shape and
-logits chunk in a process (a later model of the same structure reuses the program).
+exp(total NLL / number of predicted tokens). Windows are batched; the forward pass is compiled once per model
+structure, batch shape and logits chunk in a process (a later model of the same structure reuses the program).
 """
 
 from __future__ import annotations

@@ -138,9 +138,9 @@ def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | Non
 
     From 65 rows: every supported weight; K splits only for grids under one wave; from WGMMA_WIDE_MIN_M rows, two
     A tiles per warpgroup where that grid still fills the GPU unsplit. Below 65 rows: weights at least
-    WGMMA_MIN_TILES column tiles wide (no split; two A tiles per warpgroup where N allows), or large ones (WGMMA_MIN_ELEMENTS) whose grid splits into
-    WGMMA_MIN_PROGRAMS..WGMMA_FULL_GRID programs with two A tiles per warpgroup (half the x traffic), else into
-    up to WGMMA_PROGRAMS with one."""
+    WGMMA_MIN_TILES column tiles wide (no split; two A tiles per warpgroup where N allows), or large ones
+    (WGMMA_MIN_ELEMENTS) whose grid splits into WGMMA_MIN_PROGRAMS..WGMMA_FULL_GRID programs with two A tiles per
+    warpgroup (half the x traffic), else into up to WGMMA_PROGRAMS with one."""
     if m < WGMMA_MIN_M or not matmul_wgmma.supported(w, dtype):
         return None
     bm = next(b for b in (16, 32, 64, 128) if m <= b or b == 128)
