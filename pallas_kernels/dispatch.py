@@ -147,16 +147,17 @@ def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | Non
     tiles = (w.n_pad // matmul_wgmma.BLOCK_N) * -(-m // bm)
     stages = matmul_wgmma.num_stages(w, 2)
     config = functools.partial(matmul_wgmma.WgmmaConfig, block_m=bm, tiles_per_stage=2, max_concurrent_steps=4)
-    if m >= WGMMA_WIDE_MIN_M and w.n_pad % (2 * matmul_wgmma.BLOCK_N) == 0 and tiles // 2 >= WGMMA_FULL_GRID:
+    two_tiles = w.n_pad % (2 * matmul_wgmma.BLOCK_N) == 0  # N splits into 256-column blocks
+    if m >= WGMMA_WIDE_MIN_M and two_tiles and tiles // 2 >= WGMMA_FULL_GRID:
         return config(split_k=1, tiles_n=2, max_concurrent_steps=WGMMA_WIDE_STAGES)
     if m > 64:
         split = _largest_split(stages, tiles, 0, WGMMA_PROGRAMS) if tiles < WGMMA_FULL_GRID else 1
         return config(split_k=split)
     if tiles >= WGMMA_MIN_TILES:
-        return config(split_k=1, tiles_n=2 if w.n_pad % (2 * matmul_wgmma.BLOCK_N) == 0 else 1)
+        return config(split_k=1, tiles_n=2 if two_tiles else 1)
     if w.k_pad * w.n_pad < next(e for rows, e in WGMMA_MIN_ELEMENTS if m <= rows):
         return None
-    if w.n_pad % (2 * matmul_wgmma.BLOCK_N) == 0:
+    if two_tiles:
         split = _largest_split(stages, tiles // 2, WGMMA_MIN_PROGRAMS, WGMMA_FULL_GRID)
         if split:
             return config(split_k=split, tiles_n=2)
