@@ -33,7 +33,7 @@ import numpy as np
 
 import gptq_jax  # noqa: F401  (first: makes flax import under JAX 0.11)
 from flax import nnx  # noqa: E402
-from gptq_jax import generate as gen  # noqa: E402
+from gptq_jax import executables, generate as gen  # noqa: E402
 from gptq_jax.models.fusion import fuse_projections  # noqa: E402
 
 GROUPS = {"llama2-7b": 128, "llama3-8b": 128, "smollm2-135m": 64, "tiny": 128}
@@ -52,13 +52,13 @@ def xla_backend():
                for mod, name in ((ql, "gptq_linear"), (dispatch, "gptq_linear"), (llama, "decode_attention"))]
     for mod, name, fn in patched:
         setattr(mod, name, functools.partial(fn, backend="xla"))
-    gen._EXECUTABLES.clear()  # the compiled executables captured the other path
+    executables.clear()  # the compiled executables captured the other path
     try:
         yield
     finally:
         for mod, name, fn in patched:
             setattr(mod, name, fn)
-        gen._EXECUTABLES.clear()
+        executables.clear()
 
 
 def pallas_vs_xla(config_name: str = "smollm2-135m", layers: int = 4, new_tokens: int = 48,
@@ -76,7 +76,7 @@ def pallas_vs_xla(config_name: str = "smollm2-135m", layers: int = 4, new_tokens
     emb.set_value(emb.get_value() * 25)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in (5, 17, 40, 64)]
-    gen._EXECUTABLES.clear()
+    executables.clear()
     pallas, _, _ = gen.generate_ids(model, prompts, max_new_tokens=new_tokens, eos_token_ids=())
     with xla_backend():
         xla, _, _ = gen.generate_ids(model, prompts, max_new_tokens=new_tokens, eos_token_ids=())

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptq_jax.executables import compiled
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -27,7 +29,7 @@ class PerplexityResult:
     windows: int
     seqlen: int
     predicted_tokens: int  # windows * (seqlen - 1)
-    compile_s: float  # ~0 when the compiled program was cached (see _NLL_PROGRAMS)
+    compile_s: float  # 0 when the compiled program was cached (gptq_jax.executables)
     eval_s: float  # wall time of the compiled forward passes, compile excluded
     tokens_per_s: float  # windows * seqlen / eval_s
 
@@ -78,23 +80,8 @@ def _window_nll(model, ids: jax.Array, chunk: int) -> jax.Array:
     return total
 
 
-# (graphdef, chunk, argument shapes/dtypes/shardings) -> compiled window-NLL program: a second evaluation of a model
-# of the same structure (another checkpoint, another dataset) reuses it and reports compile_s ~ 0.
-_NLL_PROGRAMS: dict = {}
-
-
-def _compiled_nll(graphdef, chunk: int, state, ids: jax.Array):
-    """The compiled `(state, ids (B, T)) -> (B,)` summed-NLL program for this model structure, cached."""
-    leaves, tree = jax.tree.flatten((state, ids))
-    key = (graphdef, chunk, tree, tuple((a.shape, str(a.dtype), getattr(a, "sharding", None)) for a in leaves))
-    prog = _NLL_PROGRAMS.get(key)
-    if prog is None:
-
-        def batch_nll(state, ids):
-            return _window_nll(nnx.merge(graphdef, state), ids, chunk)
-
-        prog = _NLL_PROGRAMS[key] = jax.jit(batch_nll).lower(state, ids).compile()
-    return prog
+def _nll_fn(graphdef, state, ids: jax.Array, *, chunk: int) -> jax.Array:
+    return _window_nll(nnx.merge(graphdef, state), ids, chunk)
 
 
 def perplexity(
@@ -124,15 +111,13 @@ def perplexity(
     chunk = max(1, min(logits_chunk, seqlen - 1))
 
     graphdef, state = nnx.split(model)
-    t0 = time.perf_counter()
-    compiled = _compiled_nll(graphdef, chunk, state, jnp.asarray(padded[:batch_size]))
-    compile_s = time.perf_counter() - t0
+    program, compile_s = compiled(_nll_fn, graphdef, {"chunk": chunk}, (state, jnp.asarray(padded[:batch_size])))
 
     totals = []
     t0 = time.perf_counter()
     for i in range(nbatches):
         ids = jnp.asarray(padded[i * batch_size : (i + 1) * batch_size])
-        totals.append(np.asarray(jax.block_until_ready(compiled(state, ids)), dtype=np.float64))
+        totals.append(np.asarray(jax.block_until_ready(program(state, ids)), dtype=np.float64))
         if progress is not None:
             progress(min((i + 1) * batch_size, n), n)
     eval_s = time.perf_counter() - t0

@@ -24,7 +24,6 @@ LLaMA-shaped models with random dense or random GPTQ weights directly on the dev
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import time
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptq_jax.executables import compiled
 from gptq_jax.models.config import ModelConfig
 from gptq_jax.models.linear import iter_linears, replace_linear
 from gptq_jax.models.llama import LlamaForCausalLM, positions_from_mask
@@ -243,32 +243,6 @@ def _loop_fn(graphdef, params, st, max_new_tokens, *, sampling, eos):
     return decode_loop(nnx.merge(graphdef, params), st, max_new_tokens, sampling, eos)
 
 
-_EXECUTABLES: collections.OrderedDict[Any, Any] = collections.OrderedDict()  # LRU of compiled executables
-_MAX_EXECUTABLES = 32
-
-
-def _signature(tree) -> tuple:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
-
-
-def _compiled(fn: Callable, graphdef, statics: dict, args: tuple, donate: tuple[int, ...] = ()) -> tuple[Any, float]:
-    """(executable, compile seconds: 0 when cached) for fn(graphdef, *args, **statics)."""
-    key = (fn.__name__, graphdef, tuple(sorted(statics.items())), _signature(args))
-    exe = _EXECUTABLES.get(key)
-    if exe is not None:
-        _EXECUTABLES.move_to_end(key)
-        return exe, 0.0
-    t0 = time.perf_counter()
-    donate = donate if jax.default_backend() != "cpu" else ()
-    jitted = jax.jit(lambda *a: fn(graphdef, *a, **statics), donate_argnums=donate)
-    exe = jitted.lower(*args).compile()
-    _EXECUTABLES[key] = exe
-    while len(_EXECUTABLES) > _MAX_EXECUTABLES:
-        _EXECUTABLES.popitem(last=False)
-    return exe, time.perf_counter() - t0
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the imperative shell
 
@@ -410,7 +384,7 @@ def generate_ids(
     graphdef, params = nnx.split(model)
     key = jax.random.PRNGKey(int(seed))
     pre_args = (params, jnp.asarray(ids), jnp.asarray(mask), key)
-    pre, c1 = _compiled(_prefill_fn, graphdef, {**statics, "max_length": s}, pre_args)
+    pre, c1 = compiled(_prefill_fn, graphdef, {**statics, "max_length": s}, pre_args)
     t0 = time.perf_counter()
     st = pre(*pre_args)
     first = np.asarray(st.last)
@@ -418,7 +392,7 @@ def generate_ids(
     c2 = 0.0
     if stream is not None:
         stream(first, np.ones(b, bool))
-        step, c2 = _compiled(_step_fn, graphdef, statics, (params, st), donate=(1,))
+        step, c2 = compiled(_step_fn, graphdef, statics, (params, st), donate=(1,))
         t1 = time.perf_counter()
         done = np.isin(first, eos)
         for _ in range(max_new_tokens - 1):
@@ -430,7 +404,7 @@ def generate_ids(
             done = done | np.isin(tok, eos)
     else:
         n = jnp.int32(max_new_tokens)
-        loop, c2 = _compiled(_loop_fn, graphdef, statics, (params, st, n), donate=(1,))
+        loop, c2 = compiled(_loop_fn, graphdef, statics, (params, st, n), donate=(1,))
         t1 = time.perf_counter()
         st = loop(params, st, n)
     tokens = np.asarray(st.tokens)
