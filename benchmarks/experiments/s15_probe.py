@@ -34,9 +34,9 @@ def fp16_best(k, n, m):
 
     cd = max(2, math.ceil(B.MIN_BYTES / (k * n * 2)))
     ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.float16) for i in range(cd)]
-    xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float16) for i in range(4)]
     reps = min(8, max(2, math.ceil(4e-3 / (k * n * 2 / 2.5e12)))) * cd
-    t_x = B.jax_time(lambda x, w: x @ w, ws, xs[: max(1, reps // cd)], reps)
+    xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float16) for i in range(reps // cd)]
+    t_x = B.jax_time(lambda x, w: x @ w, ws, xs, reps)
     tws = [torch.randn(k, n, dtype=torch.float16, device="cuda") for _ in range(cd)]
     t_t = B.torch_time(tws, torch.randn(m, k, dtype=torch.float16, device="cuda"), reps)
     del ws, tws
@@ -46,7 +46,7 @@ def fp16_best(k, n, m):
 
 
 def timed(fn, wq, m, k, dtype, best, reps):
-    xs = [jax.random.normal(jax.random.key(300 + i), (m, k), dtype) for i in range(4)]
+    xs = [jax.random.normal(jax.random.key(300 + i), (m, k), dtype) for i in range(-(-reps // len(wq)))]
     return B.jax_time(fn, wq, xs, reps)
 
 
