@@ -103,7 +103,16 @@ def part_wg():
     return table
 
 
-def part_m1(shapes_bits):
+VARIANTS = {
+    1: [(128, 4, 1056, 1, False), (128, 4, 528, 1, False), (128, 4, 4224, 1, False), (256, 8, 1056, 1, False),
+        (256, 8, 528, 1, False), (256, 4, 1056, 1, False), (64, 2, 2112, 1, False), (64, 4, 2112, 1, False),
+        (128, 8, 1056, 1, False), (128, 4, 1056, 1, True), (128, 4, 1056, 2, False)],
+    2: [(64, 4, 2112, 1, False), (64, 4, 1056, 1, False), (64, 4, 4224, 1, False), (64, 4, 2112, 1, True),
+        (32, 4, 2112, 1, False), (64, 8, 2112, 1, False), (32, 2, 4224, 1, False)],
+}
+
+
+def part_m1(shapes_bits, variant_set):
     table = []
     for bits, k, n in shapes_bits:
         w = B.make_weight(jax.random.key(2), bits, k, n)
@@ -113,10 +122,7 @@ def part_m1(shapes_bits):
         best = fp16_best(k, n, 1)
         d = choose_config(w, 1)
         cands = [("dispatcher", d)]
-        for bn, nw, prog, u, pf in [(128, 4, 1056, 1, False), (128, 4, 528, 1, False), (128, 4, 4224, 1, False),
-                                    (256, 8, 1056, 1, False), (256, 8, 528, 1, False), (256, 4, 1056, 1, False),
-                                    (64, 2, 2112, 1, False), (64, 4, 2112, 1, False), (128, 8, 1056, 1, False),
-                                    (128, 4, 1056, 1, True), (128, 4, 1056, 2, False)]:
+        for bn, nw, prog, u, pf in VARIANTS[variant_set]:
             cfg = G.KernelConfig(mode="fma", block_m=1, block_n=bn, num_warps=nw, convert="h2", steps_per_iter=u,
                                  prefetch=pf, split_k=prog)
             cands.append((f"bn={bn} w={nw} P={prog} U={u} pf={int(pf)}", B.split_for(w, cfg, 1, prog)))
@@ -141,6 +147,7 @@ def main():
     p.add_argument("--part", choices=["wg", "m1"], required=True)
     p.add_argument("--shapes", default="3:8192x28672,3:28672x8192,3:8192x8192,3:4096x11008,8:8192x28672,"
                                        "8:8192x8192,4:8192x8192,8:28672x8192")
+    p.add_argument("--set", type=int, default=1, help="M = 1 variant list (VARIANTS)")
     a = p.parse_args()
     print("devices", jax.devices(), "jax", jax.__version__, flush=True)
     if a.part == "wg":
@@ -151,7 +158,7 @@ def main():
             bits, shape = item.split(":")
             k, n = shape.split("x")
             sb.append((int(bits), int(k), int(n)))
-        table = part_m1(sb)
+        table = part_m1(sb, a.set)
     print("\n| case | us | speed-up (or ratio) |\n|---|---:|---:|")
     for label, t, r in table:
         print(f"| {label} | {t*1e6:.1f} | {r:.2f} |")
