@@ -37,11 +37,13 @@ __all__ = ["Rule", "TABLE", "TABLE_T", "choose_config", "choose_wgmma", "gptq_li
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Rows up to max_m use `config` (None: dequantize, then XLA dot), split to about `programs` programs."""
+    """Rows up to max_m use `config` (None: dequantize, then XLA dot), split to about `programs` programs; a rule
+    with `bits` applies to weights of those bit widths only (the first matching rule wins)."""
 
     max_m: int
     config: KernelConfig | None
     programs: int = 1056
+    bits: tuple[int, ...] | None = None
 
 
 # H100 sweeps (4-bit g128, fp16; benchmarks/RESULTS.md). M = 1 targets 2112 programs (2026-11-23, fourth session:
@@ -53,8 +55,12 @@ class Rule:
 # (349 us); beyond 64 rows the fused Triton kernel loses to dequantize+dot. M = 3..16 (2026-11-23, fifth session):
 # the swapped product (dequantized weight as the dot's first operand) with inline-asm unpacking, 107.1 vs 113.1 us
 # at (8192, 28672) M = 16, 103.4 vs 113.0 at M = 8, 27.3 vs 32.0-36.5 us at (4096, 12288) M = 16; at M = 64
-# swapping loses.
+# swapping loses. M = 1, bits 3 and 8 (2026-11-24, fifteenth session, device time; the M = 1 rule had only been tuned
+# on 4 bits): 64-column blocks, 4 warps, 4224 programs: 3-bit 8192x28672 49.0 us vs 60.4 (3.08x fp16 vs 2.50x),
+# 28672x8192 49.6 vs 59.8; 8-bit 82.7 vs 106.6 (1.83x vs 1.42x) and 81.2 vs 107.8 (1.88x); 4-bit gains nothing
+# from them (47.5 vs 46.8 us on 8192x28672).
 TABLE: tuple[Rule, ...] = (
+    Rule(1, KernelConfig(mode="fma", block_m=1, block_n=64, num_warps=4, convert="h2"), 4224, bits=(3, 8)),
     Rule(1, KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2"), 2112),
     Rule(2, KernelConfig(mode="fma", block_m=2, block_n=128, num_warps=8, convert="h2"), 1056),
     Rule(16, KernelConfig(mode="dot", block_m=16, block_n=128, num_warps=4, convert="asm", swap_ab=True), 528),
@@ -82,7 +88,7 @@ def choose_config_t(m: int, table: tuple[tuple[int, KernelConfigT | None], ...] 
 
 def choose_config(w: GPTQWeight, m: int, table: tuple[Rule, ...] = TABLE) -> KernelConfig | None:
     """Kernel configuration for M rows on weight w (None: dequantize, then XLA dot)."""
-    rule = next(r for r in table if m <= r.max_m)
+    rule = next(r for r in table if m <= r.max_m and (r.bits is None or w.bits in r.bits))
     if rule.config is None:
         return None
     cfg = rule.config

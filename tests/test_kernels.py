@@ -241,6 +241,17 @@ def test_gptq_linear_dispatch(backend, m):
     check(y.reshape(m, 160), x, w64, "bf16", t["bias"])
 
 
+@pytest.mark.parametrize("backend", ["interpret"] + (["pallas"] if ON_GPU else []))
+@pytest.mark.parametrize("bits", [3, 8])
+def test_gptq_linear_m1_own_rule(backend, bits):
+    """3- and 8-bit weights at M = 1 run their own dispatcher rule (64-column blocks, K splits): float64 check."""
+    t, w64 = make_layer(12, bits, 1536, 384, 128, False, False, "gptq_v2")
+    w = prep(t, bits, "gptq_v2")
+    assert D.choose_config(w, 1).block_n == 64
+    x = rand_x(5, 1, 1536, jnp.float16)
+    check(gptq_linear(x, w, backend=backend), x, w64, "fp16")
+
+
 def test_dispatch_choices():
     """The tuning table gives a valid config for every M, and the prefill path for very large M."""
     t, _ = make_layer(0, 4, 4096, 4096, 128, True, False)
@@ -251,6 +262,18 @@ def test_dispatch_choices():
             assert w.n_pad % cfg.block_n == 0
             assert cfg.split_k <= w.num_steps
     assert D.choose_config(w, 1) is not None
+    # M = 1: 3- and 8-bit weights take their own rule (narrower column blocks, more programs), others the first
+    # rule without bits
+    for bits in (2, 3, 4, 8):
+        tb, _ = make_layer(0, bits, 1024, 1024, 128, True, False)
+        wb = prep(tb, bits)
+        cfg = D.choose_config(wb, 1)
+        rule = next(r for r in D.TABLE if r.max_m >= 1 and (r.bits is None or bits in r.bits))
+        assert (bits in (3, 8)) == (rule.bits is not None)
+        assert cfg.block_n == rule.config.block_n and cfg.convert == "h2"
+        want = max(1, min(wb.num_steps, round(rule.programs / (wb.n_pad // cfg.block_n))))
+        assert cfg.split_k == want
+    assert D.TABLE[0].config.block_n != D.TABLE[1].config.block_n
 
 
 def test_float32_input_uses_reference():
