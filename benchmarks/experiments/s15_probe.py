@@ -57,44 +57,42 @@ def err_of(fn, w, m, dtype):
     return float(jnp.max(jnp.abs(y - r)) / jnp.max(jnp.abs(r)))
 
 
-def part_wg():
+def part_wg(config_sweep: bool):
+    """config_sweep: 8192x8192 wgmma configurations at M = 16 / 32 / 64 (96 unrolled Mosaic calls each: about 100 s
+    of compilation per configuration); always: bf16 against fp16 through the dispatcher (3 copies, 6 calls)."""
     table = []
-    k, n = 8192, 8192
-    w = B.make_weight(jax.random.key(0), 4, k, n)
-    c = max(2, min(64, math.ceil(B.MIN_BYTES / B.nbytes(w))))
-    wq = B.copies_of(w, c)
-    for m in (16, 32, 64):
-        best = fp16_best(k, n, m)
-        reps = 12 * c
-        d = choose_wgmma(w, m, jnp.float16)
-        bm = d.block_m
-        cands = [("dispatcher", d)]
-        for tn, s, t, mcs in [(2, 4, 4, 3), (2, 4, 4, 4), (2, 4, 2, 6), (2, 4, 1, 8), (2, 2, 4, 3), (2, 8, 4, 2),
-                              (1, 2, 4, 3), (1, 4, 2, 4), (1, 2, 2, 4)]:
-            cands.append((f"tn={tn} S={s} t={t} mcs={mcs}", W.WgmmaConfig(block_m=bm, tiles_per_stage=t,
-                                                                        max_concurrent_steps=mcs, split_k=s,
-                                                                        tiles_n=tn)))
-        for label, cfg in cands:
-            fn = lambda x, ww, cfg=cfg: W.gptq_matmul_wgmma(x, ww, config=cfg)  # noqa: E731
-            try:
-                e = err_of(fn, w, m, jnp.float16)
-                t_ = timed(fn, wq, m, k, jnp.float16, best, reps)
-            except Exception as ex:  # report and go on
-                print(f"  M={m} {label}: FAILED {type(ex).__name__}: {str(ex).splitlines()[0][:200]}", flush=True)
-                continue
-            print(f"  M={m:3d} {label:28s} {cfg}: {t_*1e6:7.1f} us  x{best/t_:.2f}  err {e:.1e}", flush=True)
-            table.append((f"8192x8192 M={m} {label}", t_, best / t_))
-    del wq
-    # bf16 vs fp16 through the dispatcher
-    for k, n in [(8192, 28672), (28672, 8192), (8192, 8192)]:
-        w = B.make_weight(jax.random.key(1), 4, k, n)
+    if config_sweep:
+        k, n = 8192, 8192
+        w = B.make_weight(jax.random.key(0), 4, k, n)
         c = max(2, min(64, math.ceil(B.MIN_BYTES / B.nbytes(w))))
         wq = B.copies_of(w, c)
+        for m in (16, 32, 64):
+            best = fp16_best(k, n, m)
+            d = choose_wgmma(w, m, jnp.float16)
+            cands = [("dispatcher", d)]
+            for tn, s, t, mcs in [(2, 4, 4, 3), (2, 4, 4, 4), (2, 4, 2, 6), (2, 4, 1, 8), (2, 2, 4, 3),
+                                  (2, 8, 4, 2), (1, 2, 4, 3), (1, 4, 2, 4), (1, 2, 2, 4)]:
+                cands.append((f"tn={tn} S={s} t={t} mcs={mcs}",
+                              W.WgmmaConfig(block_m=d.block_m, tiles_per_stage=t, max_concurrent_steps=mcs,
+                                            split_k=s, tiles_n=tn)))
+            for label, cfg in cands:
+                fn = lambda x, ww, cfg=cfg: W.gptq_matmul_wgmma(x, ww, config=cfg)  # noqa: E731
+                try:
+                    e = err_of(fn, w, m, jnp.float16)
+                    t_ = timed(fn, wq, m, k, jnp.float16, best, 12 * c)
+                except Exception as ex:  # report and go on
+                    print(f"  M={m} {label}: FAILED {type(ex).__name__}: {str(ex).splitlines()[0][:200]}", flush=True)
+                    continue
+                print(f"  M={m:3d} {label:28s} {cfg}: {t_*1e6:7.1f} us  x{best/t_:.2f}  err {e:.1e}", flush=True)
+                table.append((f"8192x8192 M={m} {label}", t_, best / t_))
+        del wq
+    for k, n in [(8192, 28672), (28672, 8192), (8192, 8192)]:
+        w = B.make_weight(jax.random.key(1), 4, k, n)
+        wq = B.copies_of(w, 3)
         for m in (1, 16, 64):
-            reps = 12 * c
             ts = {}
             for dt in (jnp.float16, jnp.bfloat16):
-                ts[dt] = timed(lambda x, ww: gptq_linear(x, ww), wq, m, k, dt, None, reps)
+                ts[dt] = timed(lambda x, ww: gptq_linear(x, ww), wq, m, k, dt, None, 6)
             r = ts[jnp.bfloat16] / ts[jnp.float16]
             print(f"  {k}x{n} M={m}: fp16 {ts[jnp.float16]*1e6:.1f} bf16 {ts[jnp.bfloat16]*1e6:.1f} us "
                   f"bf16/fp16 {r:.3f}", flush=True)
@@ -147,11 +145,12 @@ def main():
     p.add_argument("--part", choices=["wg", "m1"], required=True)
     p.add_argument("--shapes", default="3:8192x28672,3:28672x8192,3:8192x8192,3:4096x11008,8:8192x28672,"
                                        "8:8192x8192,4:8192x8192,8:28672x8192")
+    p.add_argument("--config-sweep", action="store_true", help="--part wg: also the 8192x8192 wgmma configurations")
     p.add_argument("--set", type=int, default=1, help="M = 1 variant list (VARIANTS)")
     a = p.parse_args()
     print("devices", jax.devices(), "jax", jax.__version__, flush=True)
     if a.part == "wg":
-        table = part_wg()
+        table = part_wg(a.config_sweep)
     else:
         sb = []
         for item in a.shapes.split(","):
