@@ -57,8 +57,37 @@ def err_of(fn, w, m, dtype):
     return float(jnp.max(jnp.abs(y - r)) / jnp.max(jnp.abs(r)))
 
 
+def part_verify():
+    """The one-tile, 2-split, 4-tiles-per-stage, 3-stage grid against the dispatcher below 65 rows (3 copies, 6
+    calls, no fp16 baseline)."""
+    table = []
+    for k, n in [(8192, 8192), (28672, 8192)]:
+        w = B.make_weight(jax.random.key(0), 4, k, n)
+        wq = B.copies_of(w, 3)
+        for m in (16, 32, 64):
+            d = choose_wgmma(w, m, jnp.float16)
+            for label, cfg in [("dispatcher", d),
+                               ("tn=1 S=2 t=4 mcs=3", W.WgmmaConfig(block_m=d.block_m, tiles_per_stage=4,
+                                                                    max_concurrent_steps=3, split_k=2)),
+                               ("tn=1 S=2 t=4 mcs=4", W.WgmmaConfig(block_m=d.block_m, tiles_per_stage=4,
+                                                                    max_concurrent_steps=4, split_k=2))]:
+                fn = lambda x, ww, cfg=cfg: W.gptq_matmul_wgmma(x, ww, config=cfg)  # noqa: E731
+                try:
+                    e = err_of(fn, w, m, jnp.float16)
+                    t_ = timed(fn, wq, m, k, jnp.float16, None, 6)
+                except Exception as ex:  # report and go on
+                    print(f"  {k}x{n} M={m} {label}: FAILED {type(ex).__name__}: {str(ex).splitlines()[0][:200]}",
+                          flush=True)
+                    continue
+                print(f"  {k}x{n} M={m:3d} {label:20s} {cfg}: {t_*1e6:7.1f} us  err {e:.1e}", flush=True)
+                table.append((f"{k}x{n} M={m} {label}", t_, 0.0))
+        del wq
+    return table
+
+
 def part_wg(config_sweep: bool):
-    """config_sweep: 8192x8192 wgmma configurations at M = 16 / 32 / 64 (3 copies, 6 calls); otherwise: bf16 against fp16 through the dispatcher (3 copies, 6 calls)."""
+    """config_sweep: 8192x8192 wgmma configurations at M = 64 / 32 (3 copies, 6 calls); otherwise: bf16 against
+    fp16 through the dispatcher (3 copies, 6 calls)."""
     table = []
     if config_sweep:
         k, n = 8192, 8192
@@ -141,14 +170,16 @@ def part_m1(shapes_bits, variant_set):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--part", choices=["wg", "m1"], required=True)
+    p.add_argument("--part", choices=["wg", "m1", "verify"], required=True)
     p.add_argument("--shapes", default="3:8192x28672,3:28672x8192,3:8192x8192,3:4096x11008,8:8192x28672,"
                                        "8:8192x8192,4:8192x8192,8:28672x8192")
     p.add_argument("--config-sweep", action="store_true", help="--part wg: also the 8192x8192 wgmma configurations")
     p.add_argument("--set", type=int, default=1, help="M = 1 variant list (VARIANTS)")
     a = p.parse_args()
     print("devices", jax.devices(), "jax", jax.__version__, flush=True)
-    if a.part == "wg":
+    if a.part == "verify":
+        table = part_verify()
+    elif a.part == "wg":
         table = part_wg(a.config_sweep)
     else:
         sb = []
