@@ -117,7 +117,10 @@ def choose_config(w: GPTQWeight, m: int, table: tuple[Rule, ...] = TABLE) -> Ker
 # M = 16: 40.6), hence 8192x8192 (64M elements) from 3 rows too. Fourteenth session (2026-11-24, device time): the
 # wide weights take two A tiles per warpgroup, unsplit, too: 8192x28672 (112 programs instead of 224, under one
 # wave instead of 1.7) at M = 4 / 8 / 16 / 32 / 64 48.5 / 48.4 / 48.6 / 53.6 / 65.9 us vs 56.7 / 56.5 / 56.8 /
-# 63.1 / 73.0 (3.18-3.23x fp16 at 4-16 rows). Splitting that grid in two loses (57.0 us at M = 16).
+# 63.1 / 73.0 (3.18-3.23x fp16 at 4-16 rows). Splitting that grid in two loses (57.0 us at M = 16). Fifteenth
+# session: the large weights' split grid of one wave does better with one A tile per warpgroup, 4 tiles per stage
+# and 3 stages (2 K splits, 128 programs) than with two tiles and 4 splits: 8192x8192 M = 16 / 32 / 64 17.5 / 20.2 /
+# 23.5 us vs 18.8 / 21.3 / 25.2; 28672x8192 48.1 / 51.9 / 64.3 vs 48.8 / 52.6 / 64.3.
 WGMMA_MIN_M = 3
 WGMMA_MIN_TILES = 192  # below 65 rows, weights this many 128-column tiles wide take the kernel ...
 WGMMA_MIN_ELEMENTS = ((32, 64 << 20), (64, 32 << 20))  # ... and, up to (rows, K x N), weights this large
@@ -145,8 +148,9 @@ def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | Non
     From 65 rows: every supported weight; K splits only for grids under one wave; from WGMMA_WIDE_MIN_M rows, two
     A tiles per warpgroup where that grid still fills the GPU unsplit. Below 65 rows: weights at least
     WGMMA_MIN_TILES column tiles wide (no split; two A tiles per warpgroup where N allows), or large ones
-    (WGMMA_MIN_ELEMENTS) whose grid splits into WGMMA_MIN_PROGRAMS..WGMMA_FULL_GRID programs with two A tiles per
-    warpgroup (half the x traffic), else into up to WGMMA_PROGRAMS with one."""
+    (WGMMA_MIN_ELEMENTS) whose grid splits into WGMMA_MIN_PROGRAMS..WGMMA_FULL_GRID programs: with one A tile per
+    warpgroup and 4 per stage, else with two A tiles per warpgroup (half the x traffic), else into up to
+    WGMMA_PROGRAMS with one."""
     if m < WGMMA_MIN_M or not matmul_wgmma.supported(w, dtype):
         return None
     bm = next(b for b in (16, 32, 64, 128) if m <= b or b == 128)
@@ -163,6 +167,10 @@ def choose_wgmma(w: GPTQWeight, m: int, dtype) -> matmul_wgmma.WgmmaConfig | Non
         return config(split_k=1, tiles_n=2 if two_tiles else 1)
     if w.k_pad * w.n_pad < next(e for rows, e in WGMMA_MIN_ELEMENTS if m <= rows):
         return None
+    if w.k_pad % (4 * matmul_wgmma.TILE_K) == 0:  # one wave of one-tile programs, 4 A tiles per stage, 3 stages
+        split = _largest_split(matmul_wgmma.num_stages(w, 4), tiles, WGMMA_MIN_PROGRAMS, WGMMA_FULL_GRID)
+        if split:
+            return config(split_k=split, tiles_per_stage=4, max_concurrent_steps=3)
     if two_tiles:
         split = _largest_split(stages, tiles // 2, WGMMA_MIN_PROGRAMS, WGMMA_FULL_GRID)
         if split:

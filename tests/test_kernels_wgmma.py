@@ -9,6 +9,7 @@ combinations, M from 3 to 300, fp16 and bf16, and through `gptq_linear`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -151,18 +152,23 @@ def shaped_weight(k: int, n: int) -> L.GPTQWeight:
 
 
 def test_dispatch_choice_below_65_rows_on_large_narrow_weights():
-    """Large weights narrower than WGMMA_MIN_TILES take the kernel below 65 rows when K splits give about one wave:
-    two A tiles per warpgroup if that reaches WGMMA_MIN_PROGRAMS..WGMMA_FULL_GRID programs, else one tile."""
+    """Large weights narrower than WGMMA_MIN_TILES take the kernel below 65 rows when K splits give about one wave
+    (WGMMA_MIN_PROGRAMS..WGMMA_FULL_GRID programs): one A tile per warpgroup with 4 per stage and 3 stages if that
+    grid reaches it, else two A tiles per warpgroup, else one tile up to WGMMA_PROGRAMS."""
     if W.plgpu is None:
         pytest.skip("no Mosaic GPU in this JAX build")
-    long_k = shaped_weight(28672, 8192)  # 64 column tiles, 224 stages of 128 rows
-    assert D.choose_wgmma(long_k, 16, jnp.float16) == W.WgmmaConfig(block_m=16, split_k=4, tiles_n=2)  # 32 x 4
-    assert D.choose_wgmma(long_k, 64, jnp.float16) == W.WgmmaConfig(block_m=64, split_k=4, tiles_n=2)
+    one_wave = functools.partial(W.WgmmaConfig, tiles_per_stage=4, max_concurrent_steps=3, split_k=2)
+    long_k = shaped_weight(28672, 8192)  # 64 column tiles, 112 stages of 256 rows
+    assert D.choose_wgmma(long_k, 16, jnp.float16) == one_wave(block_m=16)  # 64 x 2
+    assert D.choose_wgmma(long_k, 64, jnp.float16) == one_wave(block_m=64)
     mlp = shaped_weight(4096, 11008)  # 45M elements, 86 column tiles, 32 stages
     assert D.choose_wgmma(mlp, 16, jnp.float16) is None  # below 64M elements at <= 32 rows: Triton
-    assert D.choose_wgmma(shaped_weight(8192, 8192), 8, jnp.float16) == W.WgmmaConfig(block_m=16, split_k=4,
-                                                                                       tiles_n=2)
-    assert D.choose_wgmma(mlp, 64, jnp.float16) == W.WgmmaConfig(block_m=64, split_k=2)  # 43 x s never in 120..132
+    assert D.choose_wgmma(shaped_weight(8192, 8192), 8, jnp.float16) == one_wave(block_m=16)
+    # 86 x s and 43 x s are never in 120..132: one tile, 2 splits
+    assert D.choose_wgmma(mlp, 64, jnp.float16) == W.WgmmaConfig(block_m=64, split_k=2)
+    # 80 one-tile programs x s never in 120..132, 40 two-tile x 3 = 120 (3 divides 96 stages of 128 rows)
+    assert D.choose_wgmma(shaped_weight(12288, 10240), 16, jnp.float16) == W.WgmmaConfig(block_m=16, split_k=3,
+                                                                                          tiles_n=2)
     assert D.choose_wgmma(shaped_weight(4096, 4096), 64, jnp.float16) is None  # 16.8M elements
     assert D.choose_wgmma(shaped_weight(11008, 4096), 64, jnp.float16) is None  # 86 stages: 64 or 1376 programs
     assert D.choose_wgmma(shaped_weight(4096, 22016), 16, jnp.float16) == W.WgmmaConfig(block_m=16)  # 172 tiles
@@ -189,6 +195,8 @@ GPU_CASES = [  # (k, n, m, group, sym, act, dtype, config)
     (1024, 768, 16, 64, False, True, "fp16", W.WgmmaConfig(block_m=16, tiles_n=2)),
     (2304, 512, 100, 128, True, False, "bf16", W.WgmmaConfig(block_m=128, tiles_n=2, split_k=3)),
     (1024, 768, 300, 64, False, False, "fp16", W.WgmmaConfig(block_m=128, tiles_n=2, max_concurrent_steps=3)),
+    (2048, 384, 32, 128, False, True, "bf16", W.WgmmaConfig(block_m=32, tiles_per_stage=4, max_concurrent_steps=3,
+                                                            split_k=2)),
 ]
 
 
