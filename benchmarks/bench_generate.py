@@ -99,9 +99,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fused", action="store_true",
                     help="also time each variant with q/k/v and gate/up fused (gptq_jax.models.fusion)")
     ap.add_argument("--variants", default=None,
-                    help="comma-separated subset of fp16, gptq, fp16+fused, gptq+fused, gptq+act, gptq+act+fused "
-                    "(act: every linear with its own random act-order permutation; default: fp16 and gptq, plus "
-                    "their fused forms with --fused)")
+                    help="comma-separated subset of fp16, gptq, fp16+fused, gptq+fused, gptq+act, gptq+act+fused, "
+                    "gptq+head, gptq+head+fused (act: every linear with its own random act-order permutation; head: "
+                    "lm_head quantized too, on untied models; default: fp16 and gptq, plus their fused forms with "
+                    "--fused)")
     ap.add_argument("--skip-check", action="store_true", help="skip the Pallas vs XLA greedy-token check")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -126,23 +127,25 @@ def main(argv=None) -> int:
     rows = []
     for name in args.configs.split(","):
         config = gen.random_config(name)
-        known = {"fp16": (None, False, False), "gptq": (args.bits, False, False), "fp16+fused": (None, True, False),
-                 "gptq+fused": (args.bits, True, False), "gptq+act": (args.bits, False, True),
-                 "gptq+act+fused": (args.bits, True, True)}
+        known = {"fp16": (None, False, False, False), "gptq": (args.bits, False, False, False),
+                 "fp16+fused": (None, True, False, False), "gptq+fused": (args.bits, True, False, False),
+                 "gptq+act": (args.bits, False, True, False), "gptq+act+fused": (args.bits, True, True, False),
+                 "gptq+head": (args.bits, False, False, True), "gptq+head+fused": (args.bits, True, False, True)}
         names = args.variants.split(",") if args.variants else list(known)[:4 if args.fused else 2]
         bad = [v for v in names if v not in known]
         if bad:
             ap.error(f"--variants: unknown {bad}; choose from {sorted(known)}")
         variants = [known[v] for v in names]
-        for bits, fused, act in variants:
+        for bits, fused, act, head in variants:
             t0 = time.perf_counter()
-            model = gen.random_model(config, dtype=jnp.float16, bits=bits, group_size=GROUPS[name], act_order=act)
+            model = gen.random_model(config, dtype=jnp.float16, bits=bits, group_size=GROUPS[name], act_order=act,
+                                     lm_head=head)
             if fused:
                 report = fuse_projections(model)
                 assert not report.skipped, report.skipped
             jax.block_until_ready(jax.tree_util.tree_leaves(nnx.state(model)))
             variant = (("fp16" if bits is None else f"gptq{bits}-g{GROUPS[name]}") + ("+act" if act else "")
-                       + ("+fused" if fused else ""))
+                       + ("+head" if head else "") + ("+fused" if fused else ""))
             batches = per_config.get(name, per_config.get("*", [1]))
             for r in gen.bench_generate(model, batch_sizes=batches, prompt_len=args.prompt_len,
                                         new_tokens=args.new_tokens, repeats=args.repeats):

@@ -349,14 +349,18 @@ def cmd_bench_generate(args: argparse.Namespace) -> dict:
         raise ValueError("give either MODEL or --random-config, not both")
     if args.act_order and not args.random_config:
         raise ValueError("--act-order shapes --random-config's GPTQ variant; a checkpoint keeps its own g_idx")
+    if args.lm_head and not args.random_config:
+        raise ValueError("--lm-head shapes --random-config's GPTQ variant; a checkpoint says itself whether its "
+                         "lm_head is quantized")
 
     def variants():
         if args.random_config:
             config = gen.random_config(args.random_config)
             yield f"dense {dtype}", lambda: gen.random_model(config, dtype=dtype, seed=args.seed)
-            yield (f"gptq {args.bits}-bit g{args.group_size}" + (" act-order" if args.act_order else ""),
+            yield (f"gptq {args.bits}-bit g{args.group_size}" + (" act-order" if args.act_order else "")
+                   + (" lm_head" if args.lm_head else ""),
                    lambda: gen.random_model(config, dtype=dtype, bits=args.bits, group_size=args.group_size,
-                                            act_order=args.act_order, seed=args.seed))
+                                            act_order=args.act_order, lm_head=args.lm_head, seed=args.seed))
         else:
             loaded = model_io.load_model(args.model, dtype=dtype)
             holder = [loaded.model]  # handed over once, so the bench loop holds the only reference
@@ -583,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--act-order", action="store_true",
                     help="the random GPTQ variant with act-order g_idx (a random permutation per layer, as desc_act "
                          "checkpoints have; fused layers keep one permutation per part)")
+    bg.add_argument("--lm-head", action="store_true",
+                    help="the random GPTQ variant quantizes lm_head too (GPTQModel's lm_head=True; untied models)")
     bg.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default 1)")
     bg.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     bg.add_argument("--new-tokens", type=int, default=256, help="new tokens (default 256)")

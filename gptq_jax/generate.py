@@ -494,24 +494,30 @@ def _v1_sym_qzeros(groups: int, n: int, bits: int) -> np.ndarray:
 
 
 def random_model(config: ModelConfig, *, dtype: Any = jnp.float16, bits: int | None = None, group_size: int = 128,
-                 act_order: bool = False, seed: int = 0) -> LlamaForCausalLM:
+                 act_order: bool = False, lm_head: bool = False, seed: int = 0) -> LlamaForCausalLM:
     """A model with random weights created on the default device (normal(0.02) dense weights, unit norms).
 
     bits: None -> dense linears; 2/3/4/8 -> every decoder linear is a QuantLinear with random codes, symmetric
-    v1 zero points and fp16 scales giving weights of about the same spread (lm_head and embeddings stay dense).
+    v1 zero points and fp16 scales giving weights of about the same spread (embeddings stay dense).
     act_order: every quantized linear gets its own random act-order g_idx (groups assigned in a permuted column
     order, as desc_act checkpoints have), so the kernels read x through a permutation.
+    lm_head: quantize an untied lm_head too (GPTQModel's `lm_head=True`); otherwise it stays dense.
     No dense copy of a quantized layer is ever created.
     """
     if act_order and bits is None:
         raise GenerateError("act_order needs a quantized model (bits)")
+    if lm_head and bits is None:
+        raise GenerateError("lm_head quantization needs a quantized model (bits)")
+    if lm_head and config.tie_word_embeddings:
+        raise GenerateError("lm_head quantization was asked but this config ties lm_head to the input embeddings "
+                            "(tie_word_embeddings=true)")
     dt = jnp.dtype(dtype)
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)))
     key = jax.random.PRNGKey(seed)
     if bits is not None:
         qz_cache: dict[tuple[int, int], jax.Array] = {}
         for i, (name, lin) in enumerate(list(iter_linears(model))):
-            if name == "lm_head":
+            if name == "lm_head" and not lm_head:
                 continue
             k, n = lin.in_features, lin.out_features
             gs = k if group_size == -1 else group_size

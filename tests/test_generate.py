@@ -390,6 +390,30 @@ def test_random_model_act_order_gives_every_linear_its_own_permutation():
         G.random_model(config, act_order=True)
 
 
+def test_random_model_quantized_lm_head_is_what_generation_uses():
+    """lm_head=True: the untied lm_head is a QuantLinear, and greedy tokens equal those of the same model with that
+    lm_head replaced by a dense Linear holding its dequantized weight."""
+    from gptq_jax.models.linear import Linear, replace_linear
+
+    config = G.random_config("tiny")
+    qmodel = G.random_model(config, dtype=jnp.float32, bits=4, group_size=32, lm_head=True, seed=3)
+    head = qmodel.lm_head
+    assert isinstance(head, QuantLinear) and head.bits == 4
+    plain = G.random_model(config, dtype=jnp.float32, bits=4, group_size=32, seed=3)
+    assert isinstance(plain.lm_head, Linear) and G.weight_bytes(qmodel) < G.weight_bytes(plain)
+    prompts = [[5, 9, 13, 2], [7, 3]]
+    tokens, _, _ = G.generate_ids(qmodel, prompts, max_new_tokens=8, eos_token_ids=())
+    dense = Linear(head.in_features, head.out_features, rngs=nnx.Rngs(0))
+    dense.kernel.set_value(head.dequantized_weight())
+    replace_linear(qmodel, "lm_head", dense)
+    want, _, _ = G.generate_ids(qmodel, prompts, max_new_tokens=8, eos_token_ids=())
+    assert tokens == want
+    with pytest.raises(G.GenerateError, match="needs a quantized model"):
+        G.random_model(config, lm_head=True)
+    with pytest.raises(G.GenerateError, match="ties lm_head"):
+        G.random_model(G.random_config("smollm2-135m"), bits=4, lm_head=True)
+
+
 def test_cli_bench_generate_act_order(capsys):
     code, lines = _run_cli(capsys, ["bench-generate", "--random-config", "tiny", "--batch-sizes", "1",
                                     "--prompt-len", "8", "--new-tokens", "4", "--dtype", "float32", "--json",
@@ -401,6 +425,20 @@ def test_cli_bench_generate_act_order(capsys):
     assert [r["fused_projections"] for r in rows] == [2 * layers, 2 * layers], rows
     code, lines = _run_cli(capsys, ["bench-generate", str(STORIES_HF), "--act-order", "--json", "--quiet"])
     assert code == 2 and "--act-order" in json.loads(lines[-1])["error"]
+    code, lines = _run_cli(capsys, ["bench-generate", str(STORIES_HF), "--lm-head", "--json", "--quiet"])
+    assert code == 2 and "--lm-head" in json.loads(lines[-1])["error"]
+
+
+def test_cli_bench_generate_quantized_lm_head(capsys):
+    code, lines = _run_cli(capsys, ["bench-generate", "--random-config", "tiny", "--batch-sizes", "1",
+                                    "--prompt-len", "8", "--new-tokens", "4", "--dtype", "float32", "--json",
+                                    "--quiet", "--repeats", "1", "--group-size", "32", "--lm-head", "--no-fuse"])
+    rows = json.loads(lines[-1])["rows"]
+    assert code == 0 and [r["variant"] for r in rows] == ["dense float32", "gptq 4-bit g32 lm_head"]
+    config = G.random_config("tiny")
+    with_head = G.random_model(config, dtype=jnp.float32, bits=4, group_size=32, lm_head=True)
+    without = G.random_model(config, dtype=jnp.float32, bits=4, group_size=32)
+    assert rows[1]["weight_bytes"] == G.weight_bytes(with_head) < G.weight_bytes(without)
 
 
 # ----------------------------------------------------------------------------------------------------------------
