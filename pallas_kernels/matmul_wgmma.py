@@ -266,6 +266,7 @@ def _dequant_fn(dtype, group_size: int, has_zeros: bool):
     return fn
 
 
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype"))  # see gptq_matmul: one lowering per shape
 def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None, *,
                       config: WgmmaConfig = WgmmaConfig(), out_dtype=None) -> jax.Array:
     """x (M, K) fp16/bf16 -> x @ dequant(w) + bias, (M, N) in out_dtype (default x.dtype). Hopper GPUs only."""

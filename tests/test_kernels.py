@@ -386,6 +386,28 @@ def test_multi_permutation_backward_and_dispatch():
     np.testing.assert_allclose(np.asarray(dx, np.float64), ref, rtol=0, atol=5e-3 * np.abs(ref).max())
 
 
+def kernel_calls_in_lowering(fn, *args) -> list[str]:
+    """Custom-call targets in the CUDA lowering of jit(fn)(*args) (CPU is enough: no kernel is compiled)."""
+    import re
+
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return re.findall(r"custom_call @(\S+)\(", text)
+
+
+def test_identical_kernel_calls_share_one_lowering():
+    """A model calls the same kernel once per layer: gptq_matmul is jitted, so identical calls (shapes, config) lower
+    to one kernel in the program, while a different shape gets its own."""
+    t, _ = make_layer(4, 4, 512, 256, 128, True, False)
+    w = prep(t, 4)
+    cfg = D.choose_config(w, 1)
+    x = jax.ShapeDtypeStruct((1, 512), jnp.float16)
+    same = kernel_calls_in_lowering(lambda v, ww: [G.gptq_matmul(v + i, ww, config=cfg) for i in range(3)], x, w)
+    assert same == ["__gpu$xla.gpu.triton"]
+    two = kernel_calls_in_lowering(lambda v, ww: [G.gptq_matmul(v, ww, config=cfg),
+                                                  G.gptq_matmul(jnp.tile(v, (2, 1)), ww, config=cfg)], x, w)
+    assert len(two) == 2
+
+
 @pytest.mark.parametrize("bits,dtype", [(3, jnp.float16), (3, jnp.bfloat16), (4, jnp.float16)])
 def test_h2_kernel_lowers_for_cuda(bits, dtype):
     """The M = 1 half2 kernel (inline PTX; 3 bits assemble each code from two planes) passes JAX's Triton lowering

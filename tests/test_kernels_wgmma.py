@@ -20,7 +20,7 @@ import pytest
 from pallas_kernels import dispatch as D
 from pallas_kernels import gptq_layout as L
 from pallas_kernels import matmul_wgmma as W
-from tests.test_kernels import check, fused_act_order_weight, make_layer, prep, rand_x
+from tests.test_kernels import check, fused_act_order_weight, kernel_calls_in_lowering, make_layer, prep, rand_x
 
 HOPPER = D._hopper()
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="compiled wgmma kernel: Hopper GPU only (CPU: mapping + lowering)")
@@ -142,6 +142,20 @@ def test_dispatch_choice():
     assert D.choose_wgmma(wide, 128, jnp.float16) == W.WgmmaConfig(block_m=128)  # 96 two-tile blocks: one A tile
     tb, _ = make_layer(4, 8, 512, 24576, 128, True, False)
     assert D.choose_wgmma(prep(tb, 8), 300, jnp.float16) is None
+
+
+def test_identical_calls_share_one_lowering():
+    """gptq_matmul_wgmma is jitted: a model's identical per-layer calls lower to one Mosaic GPU kernel (about 0.7 s
+    of lowering per call site otherwise)."""
+    if W.plgpu is None:
+        pytest.skip("no Mosaic GPU in this JAX build")
+    t, _ = make_layer(4, 4, 512, 256, 128, True, False)
+    w = prep(t, 4)
+    cfg = W.WgmmaConfig(block_m=16)
+    x = jax.ShapeDtypeStruct((16, 512), jnp.float16)
+    calls = kernel_calls_in_lowering(lambda v, ww: [W.gptq_matmul_wgmma(v + i, ww, config=cfg) for i in range(3)],
+                                     x, w)
+    assert len(calls) == 1 and calls[0].startswith("mosaic_gpu")
 
 
 def shaped_weight(k: int, n: int) -> L.GPTQWeight:
