@@ -122,6 +122,7 @@ def _sum_over_parts(fn, dy: jax.Array, w: GPTQWeight, out_dtype) -> jax.Array:
     return functools.reduce(jnp.add, parts).astype(out_dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "out_dtype", "poison"))  # as gptq_matmul
 def gptq_matmul_t(
     dy: jax.Array,
     w: GPTQWeight,
