@@ -37,6 +37,9 @@ from gptq_jax import executables, generate as gen  # noqa: E402
 from gptq_jax.models.fusion import fuse_projections  # noqa: E402
 
 GROUPS = {"llama2-7b": 128, "llama3-8b": 128, "smollm2-135m": 64, "tiny": 128}
+# --variants: a base ("fp16" dense or "gptq" random codes) and options: "act" (every linear its own act-order
+# permutation), "head" (lm_head quantized too), "fused" (q/k/v and gate/up fused)
+VARIANTS = ("fp16", "gptq", "fp16+fused", "gptq+fused", "gptq+act", "gptq+act+fused", "gptq+head", "gptq+head+fused")
 
 
 @contextlib.contextmanager
@@ -127,16 +130,13 @@ def main(argv=None) -> int:
     rows = []
     for name in args.configs.split(","):
         config = gen.random_config(name)
-        known = {"fp16": (None, False, False, False), "gptq": (args.bits, False, False, False),
-                 "fp16+fused": (None, True, False, False), "gptq+fused": (args.bits, True, False, False),
-                 "gptq+act": (args.bits, False, True, False), "gptq+act+fused": (args.bits, True, True, False),
-                 "gptq+head": (args.bits, False, False, True), "gptq+head+fused": (args.bits, True, False, True)}
-        names = args.variants.split(",") if args.variants else list(known)[:4 if args.fused else 2]
-        bad = [v for v in names if v not in known]
+        names = args.variants.split(",") if args.variants else list(VARIANTS[:4 if args.fused else 2])
+        bad = [v for v in names if v not in VARIANTS]
         if bad:
-            ap.error(f"--variants: unknown {bad}; choose from {sorted(known)}")
-        variants = [known[v] for v in names]
-        for bits, fused, act, head in variants:
+            ap.error(f"--variants: unknown {bad}; choose from {sorted(VARIANTS)}")
+        for parts in (v.split("+") for v in names):
+            bits = args.bits if parts[0] == "gptq" else None
+            fused, act, head = ("fused" in parts), ("act" in parts), ("head" in parts)
             t0 = time.perf_counter()
             model = gen.random_model(config, dtype=jnp.float16, bits=bits, group_size=GROUPS[name], act_order=act,
                                      lm_head=head)
