@@ -239,6 +239,9 @@ def _splits_for(cfg: AttentionConfig, b: int, kv: int, s: int) -> int:
     return max(1, min(nblocks, -(-cfg.programs // (b * kv))))
 
 
+# Jitted so that a model's per-layer calls (same shapes and config) lower to one kernel, as gptq_matmul. The cache
+# operands alias the cache outputs inside; the caller's buffers are donated by its own jit.
+@functools.partial(jax.jit, static_argnames=("sliding_window", "num_heads", "config", "interpret"))
 def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
                             v_cache: jax.Array, kv_valid: jax.Array, start: jax.Array,
                             sliding_window: int | None = None, *, num_heads: int,

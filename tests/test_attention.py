@@ -4,6 +4,8 @@ write; bad input."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,3 +154,32 @@ def test_kernel_lowers_for_cuda(splits):
         qkv, cos, sin, kc, vc, valid, jnp.int32(7), 16, num_heads=9, config=AttentionConfig(splits=splits)))
     text = f.trace(qkv, cos, cos, kc, kc, valid).lower(lowering_platforms=("cuda",)).as_text()
     assert "decode_attention" in text
+
+
+def test_identical_layer_calls_share_one_lowering():
+    """A decoder calls the kernel once per layer with the same shapes: the jitted wrapper lowers it once, and the
+    cache operands still alias the cache outputs (no copy of the cache inside the kernel's call)."""
+    import re
+
+    from pallas_kernels.attention import decode_attention_pallas
+
+    qkv = jax.ShapeDtypeStruct((2, (9 + 6) * 64), jnp.float16)
+    cos = jax.ShapeDtypeStruct((2, 64), jnp.float32)
+    kc = jax.ShapeDtypeStruct((2, 100, 3, 64), jnp.float16)
+    valid = jax.ShapeDtypeStruct((2, 100), jnp.int32)
+
+    def layers(qkv, cos, sin, kc, vc, valid, n):
+        return [decode_attention_pallas(qkv + i, cos, sin, kc, vc, valid, jnp.int32(7), None, num_heads=9)
+                for i in range(n)]  # every layer's output and its updated caches
+
+    def calls(n):
+        f = jax.jit(functools.partial(layers, n=n))
+        text = f.trace(qkv, cos, cos, kc, kc, valid).lower(lowering_platforms=("cuda",)).as_text()
+        return text, re.findall(r"custom_call @(\S+)\(", text)
+
+    text, three = calls(3)
+    assert three == ["__gpu$xla.gpu.triton"]
+    assert text.count("call @decode_attention_pallas") == 3
+    assert re.search(r"output_operand_aliases", text)
+    _, other = calls(1)
+    assert other == three
