@@ -13,7 +13,7 @@ import json
 import re
 import sys
 
-import gptq_jax  # noqa: F401
+import gptq_jax  # noqa: F401  (first: makes flax import under JAX 0.11)
 import pallas_kernels.attention as attention
 from gptq_jax import generate as gen
 from gptq_jax.models.config import ModelConfig
@@ -31,6 +31,8 @@ for path in sorted(glob.glob(sys.argv[1] + "/*after_optimizations.txt")):
     text = open(path).read()
     copies = [ln.strip()[:140] for ln in text.splitlines() if cache in ln and re.search(r"= \S+ copy(-start)?\(", ln)]
     n_attn = text.count("decode_attention")
+    if not (copies or n_attn):
+        continue
     print(f"{path.rsplit('/', 1)[-1][:70]:70s} cache copies {len(copies)}  attention mentions {n_attn}")
     for c in copies[:4]:
         print("   ", c)
