@@ -8,6 +8,8 @@ durations, L2-cold rotation over >= 256 MB) of
   load-only bench_kernels.load_only on the dispatcher's grid and on a few others (words summed, no dequantization);
   xla-sum   XLA's column reduction of the same int32 words (jnp.sum(words, axis=0));
   xla-gemv  an fp16 x @ W whose W has the same bytes as the words ((K/4, N) fp16).
+--sweep: load-only grids only (block width, K steps per iteration, warps, program count, eviction hint) on
+4096 x 12288 and 11008 x 4096.
 If XLA streams the same bytes much faster than any Pallas grid, the M = 1 kernels have headroom; if not, the
 decode matmuls sit at what a kernel of this size can reach on this GPU.
 """
@@ -28,6 +30,32 @@ from pallas_kernels import gptq_linear  # noqa: E402
 from pallas_kernels.dispatch import choose_config  # noqa: E402
 
 rows = []
+if "--sweep" in sys.argv:
+    for k, n in [(4096, 12288), (11008, 4096)]:
+        w = B.make_weight(jax.random.key(0), 4, k, n)
+        qb = w.planes[0].size * 4
+        c = max(2, math.ceil(B.MIN_BYTES / B.nbytes(w)))
+        wq = B.copies_of(w, c)
+        xs = [jnp.zeros((1, k), jnp.float16)]
+        for bn in (128, 256):
+            for u in (2, 4, 8):
+                for nw in (4, 8):
+                    for prog in (264, 528, 1056):
+                        for ev in (True, False):
+                            s = max(1, min(w.num_steps // u, round(prog / (w.n_pad // bn))))
+                            label = f"bn={bn} U={u} w={nw} S={s} ev={int(ev)}"
+                            try:
+                                t = B.jax_time(B.load_only(w, bn, s, u, nw, ev), wq, xs, 2 * c)
+                            except Exception as e:  # report and go on
+                                print(f"  {k}x{n} {label}: FAILED {type(e).__name__}", flush=True)
+                                continue
+                            rows.append((f"{k}x{n}", label, t, qb / t))
+        del wq
+    rows.sort(key=lambda r: (r[0], r[2]))
+    print("\n| K x N | load-only grid | us | TB/s |\n|---|---|---:|---:|")
+    for shape, label, t, bw in rows:
+        print(f"| {shape} | {label} | {t*1e6:.2f} | {bw/1e12:.2f} |")
+    sys.exit(0)
 for k, n in [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]:
     w = B.make_weight(jax.random.key(0), 4, k, n)
     wb, qb = B.nbytes(w), w.planes[0].size * 4
