@@ -36,7 +36,7 @@ if "--sweep" in sys.argv:
         qb = w.planes[0].size * 4
         c = max(2, math.ceil(B.MIN_BYTES / B.nbytes(w)))
         wq = B.copies_of(w, c)
-        xs = [jnp.zeros((1, k), jnp.float16)]
+        xs = [jnp.zeros((1, k), jnp.float16)] * 2
         for bn in (128, 256):
             for u in (2, 4, 8):
                 for nw in (4, 8):
