@@ -1,7 +1,9 @@
 """Probe (sixteenth session): the M = 1 GPTQ kernel on few, long programs (the grids that stream the bare words
 fastest in stream_probe.py --sweep) on LLaMA-2-7B's fused decode shapes.
 
-    PYTHONPATH=$PWD python3 benchmarks/experiments/m1_grid_probe.py [--bits 4]
+    PYTHONPATH=$PWD python3 benchmarks/experiments/m1_grid_probe.py [--bits 4] [--prefetch]
+
+--prefetch: the register double buffer (`KernelConfig.prefetch`) instead of steps_per_iter > 1.
 
 Device time per call (bench_kernels.jax_time, L2-cold rotation), the split-K sum included; error against the
 XLA reference (max abs / max abs of the reference).
@@ -32,14 +34,13 @@ for k, n in [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]:
     xs = [jax.random.normal(jax.random.key(100 + i), (1, k), jnp.float16) for i in range(2)]
     d = choose_config(w, 1)
     cands = [("dispatcher", d, lambda x, ww: gptq_linear(x, ww))]
-    for bn in (128,):
-        for u in (2, 4, 8):
-            for nw in (4, 8):
-                for prog in (264, 384, 528, 1056):
+    grid = ([(128, 1, nw, prog, True) for nw in (4, 8) for prog in (264, 528, 1056)] if "--prefetch" in sys.argv
+            else [(128, u, nw, prog, False) for u in (2, 4, 8) for nw in (4, 8) for prog in (264, 384, 528, 1056)])
+    for bn, u, nw, prog, pf in grid:
                     cfg = G.KernelConfig(mode="fma", block_m=1, block_n=bn, num_warps=nw, convert="h2",
-                                         steps_per_iter=u, split_k=prog)
+                                         steps_per_iter=u, prefetch=pf, split_k=prog)
                     cfg = B.split_for(w, cfg, 1, prog)
-                    cands.append((f"bn={bn} U={u} w={nw} S={cfg.split_k}", cfg,
+                    cands.append((f"bn={bn} U={u} w={nw} S={cfg.split_k} pf={int(pf)}", cfg,
                                   lambda x, ww, cfg=cfg: G.gptq_matmul(x, ww, config=cfg)))
     for label, cfg, fn in cands:
         try:
