@@ -356,10 +356,20 @@ def _h2_plan(st: _Static) -> list[tuple[list[int], int, int]]:
 
 
 def _h2_bits16(v: float, dtype) -> int:
-    """16-bit pattern of v in fp16 or bf16 (v exactly representable)."""
+    """16-bit pattern of v in fp16 or bf16 (v must be exactly representable)."""
     if dtype == jnp.float16:
-        return int(np.array(v, np.float16).view(np.uint16))
-    return int(np.array(v, np.float32).view(np.uint32)) >> 16
+        bits, back = int(np.array(v, np.float16).view(np.uint16)), float(np.array(v, np.float16))
+    else:
+        bits = int(np.array(v, np.float32).view(np.uint32)) >> 16
+        back = float(np.array(bits << 16, np.uint32).view(np.float32))
+    assert back == v, f"{v} is not exact in {jnp.dtype(dtype).name}"
+    return bits
+
+
+def _h2_zero(st: _Static) -> int:
+    """The constant that the h2 unpacking subtracts from every code: the symmetric zero point (the products are
+    then (code - zero) * x and the kernel needs no sum of x), or 0 with stored zero points."""
+    return 0 if st.has_zeros else int(zero_point(st.bits))
 
 
 def _h2_words(st: _Static, tiles) -> tuple[jax.Array, ...]:
@@ -371,10 +381,12 @@ def _h2_words(st: _Static, tiles) -> tuple[jax.Array, ...]:
 def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
     """PTX for one int32 word w (bits 3: the words lo0, lo1, hi) and, per x row, the packed x pairs
     (x_j, x_{j+half}) -> per row and accumulator set of `_h2_plan`, one f32 (lanes in one group: low + high) or two
-    (low, high): sum_j x_j * code_j in each lane. The codes are unpacked once for all rows.
+    (low, high): sum_j x_j * (code_j - zero) in each lane, zero = `_h2_zero`. The codes are unpacked once for all
+    rows.
 
     Per pair: one lop3 puts fields j and j + P/2 into the mantissas of a half2 (magic + code * 2^p), one fma
-    removes the magic and the 2^p exactly (code * 2^p fits the mantissa, so the result is the integer code),
+    removes the magic, the 2^p and the zero exactly (code * 2^p fits the mantissa, so the result is the integer
+    code - zero),
     one fma multiply-adds it with the x pair; a field that would not fit the mantissa comes from a shifted copy
     of the word (one shift serves the following fields). Bits 3: pair j takes its two low bits from field j // 2 of
     lo word j % 2 and its high bit from bit j of the hi word, shifted once per lo word to sit just above the field;
@@ -389,6 +401,7 @@ def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
     magic = 1024.0 if dtype == jnp.float16 else 128.0
     sfx = "f16x2" if dtype == jnp.float16 else "bf16x2"
     mask = (1 << bits) - 1
+    zero = _h2_zero(st)
     plan = _h2_plan(st)
     n_out = sum(1 if lo == hi else 2 for _, lo, hi in plan)
     w_arg = n_out * rows
@@ -429,7 +442,7 @@ def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
             m2 = (mask << p) | (mask << (p + 16))
             body.append(f"lop3.b32 t, {src}, {m2}, {mg | mg << 16}, 0xEA;")
         sc = _h2_bits16(2.0 ** -p, dtype)
-        off = _h2_bits16(-magic * 2.0 ** -p, dtype)
+        off = _h2_bits16(-magic * 2.0 ** -p - zero, dtype)
         body.append(f"fma.rn.{sfx} q, t, {const(sc | sc << 16)}, {const(off | off << 16)};")
         a = set_of[j]
         for i in range(rows):
@@ -476,13 +489,14 @@ def _h2_emulate(st: _Static, dtype, words: tuple[jax.Array, ...], xpairs: list[j
     """jnp twin of `_h2_asm` for one row (the interpreter cannot run PTX): the same lanes, sets and roundings."""
     bits = st.bits
     half = _h2_half(bits)
+    zero = _h2_zero(st)
     plan = _h2_plan(st)
     set_of = {j: i for i, (js, _, _) in enumerate(plan) for j in js}
     acc: list = [None] * len(plan)
     for j in range(half):
         xlo = jax.lax.bitcast_convert_type((xpairs[j] & 0xFFFF).astype(jnp.uint16), dtype)
         xhi = jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(xpairs[j], 16).astype(jnp.uint16), dtype)
-        qlo, qhi = (c.astype(jnp.float32).astype(dtype) for c in _h2_codes(bits, words, j))
+        qlo, qhi = ((c - zero).astype(jnp.float32).astype(dtype) for c in _h2_codes(bits, words, j))
         prod = ((qlo * xlo), (qhi * xhi))
         a = set_of[j]
         acc[a] = prod if acc[a] is None else (acc[a][0] + prod[0], acc[a][1] + prod[1])
@@ -496,7 +510,7 @@ def _h2_emulate(st: _Static, dtype, words: tuple[jax.Array, ...], xpairs: list[j
 def _h2_word_sums(st: _Static, dtype, words: tuple[jax.Array, ...], xpairs: list[list[jax.Array]]
                   ) -> list[list[jax.Array]]:
     """words (`_h2_words`), xpairs[row][pair] -> per row, per accumulator set of `_h2_plan`: f32 tiles of
-    sum_j x_j * code_j (one, or the low and the high lane)."""
+    sum_j x_j * (code_j - `_h2_zero`) (one, or the low and the high lane)."""
     if st.interpret:
         return [_h2_emulate(st, dtype, words, xp) for xp in xpairs]
     rows = len(xpairs)
@@ -709,12 +723,13 @@ def _kernel(*refs, st: _Static):
                         v = next(outs)
                         tsum[slot] = v if tsum[slot] is None else tsum[slot] + v
                 for slot, (_, js) in enumerate(groups):
-                    xs = xr[js[0]].astype(jnp.float32)
-                    for j in js[1:]:
-                        xs = xs + xr[j].astype(jnp.float32)
                     s, z = sz[slot]
-                    zx = xs[:, None] * (z[None, :] if st.has_zeros else z)
-                    accs[i] = accs[i] + (s * 2.0**st.h2_exp)[None, :] * (tsum[slot] - zx)
+                    if st.has_zeros:  # symmetric weights: the unpacking already subtracted the zero point
+                        xs = xr[js[0]].astype(jnp.float32)
+                        for j in js[1:]:
+                            xs = xs + xr[j].astype(jnp.float32)
+                        tsum[slot] = tsum[slot] - xs[:, None] * z[None, :]
+                    accs[i] = accs[i] + (s * 2.0**st.h2_exp)[None, :] * tsum[slot]
             return tuple(accs)
 
         init = tuple(jnp.zeros((sub, bn), jnp.float32) for _ in range(bm))
