@@ -1,0 +1,339 @@
+"""Decode attention through a KV cache (one new token per row): the Pallas kernel, its XLA reference and the
+wrapper, side by side.
+
+One decode step of a layer's attention used to be five small XLA kernels (two cache writes, scores, softmax,
+probabilities x values) of 1.5-3.7 us each on the H100, about 0.3 ms of a 7B model's 2.4 ms 4-bit decode step.
+`decode_attention` does it in one kernel (plus one small XLA combine when the cache is split):
+
+* input: the new token's projections q | k | v as one row (B, (H + 2 KV) D), as the fused q/k/v linear writes it,
+  and the rotary cos/sin of its position; the kernel applies the rotary embedding to q and k itself (in float32,
+  rounded once), so no XLA kernels slice the projections or rotate them;
+* grid (B, kv_heads, splits): a program takes one row, one key/value head and its `g = heads / kv_heads` query
+  heads (GQA; rows padded to the 16-row dot minimum and masked), and a contiguous share of the cache slots;
+  q and k are handled as their two rotary halves (two dots of D/2 for the scores);
+* per block of `block_k` slots: scores = q k^T (tensor cores, fp32), the mask (slot < start, kv_valid, sliding
+  window), an online softmax (running max m, sum l; probabilities cast to the compute dtype before the
+  probabilities x values dot, as the reference casts its softmax), fp32 accumulator;
+* the new token's key/value take part from registers (split 0) and are written into the cache at slot `start`
+  by the same program (the caches are aliased in and out, so XLA updates them in place); every program masks
+  slot `start` out of its cache reads, so no program reads the slot being written;
+* splits > 1 (long caches, few rows/heads): each split writes (m, l, acc) and XLA combines them:
+  out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i, M = max_i m_i.
+
+`decode_attention_reference` is the XLA computation the kernel replaces (`split_qkv`, `apply_rotary`,
+`write_cache` + masked softmax attention), used on CPU and in tests; those pieces and `cache_attention_mask` are
+shared with the model's prefill / no-cache paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.matmul import compiler_params
+
+__all__ = ["AttentionConfig", "apply_rotary", "attention_reference", "cache_attention_mask", "decode_attention",
+           "decode_attention_reference", "split_qkv", "write_cache"]
+
+_MASKED = float(np.finfo(np.float32).min)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# XLA reference
+
+
+def cache_attention_mask(kv_valid: jax.Array, start: jax.Array, seq_len: int,
+                         sliding_window: int | None = None) -> jax.Array:
+    """Boolean (B, 1, T, S) mask for T queries at cache slots start..start+T-1 over S cache slots: key slot s is
+    allowed when s <= the query's slot (causal), `kv_valid[b, s]` (not padding) and, with a sliding window,
+    s > query slot - window (transformers' rule, in slot = sequence-index space)."""
+    s = kv_valid.shape[1]
+    q = jnp.asarray(start, jnp.int32) + jnp.arange(seq_len, dtype=jnp.int32)[:, None]
+    k = jnp.arange(s, dtype=jnp.int32)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed = allowed & (k > q - sliding_window)
+    return allowed[None, None] & (kv_valid[:, None, None, :] > 0)
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked softmax attention: q (B, T, H, D) over k, v (B, S, KV, D) (head h uses kv head h // (H / KV), as
+    HF's repeat_kv), mask (B, 1, T, S) bool -> (B, T, H, D) in q's dtype. Scores and softmax in float32,
+    probabilities cast to q's dtype, fp32 accumulation."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    qg = q.reshape(b, t, kv, g, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask[:, :, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+    return out.reshape(b, t, h, d)
+
+
+def write_cache(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
+                start: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """XLA: k, v (B, T, KV, D) written at cache slots start..start+T-1 of k_cache, v_cache (B, S, KV, D), cast to
+    the caches' dtype (`dynamic_update_slice`: in place inside a jitted loop)."""
+    zero = jnp.zeros((), jnp.int32)
+    idx = (zero, jnp.asarray(start, jnp.int32), zero, zero)
+    return (jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), idx),
+            jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), idx))
+
+
+def split_qkv(qkv: jax.Array, num_heads: int, num_kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """qkv (..., (H + 2 KV) * D) (q | k | v, as the fused projection writes them) -> q (..., H, D), k and v
+    (..., KV, D)."""
+    d = qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
+    nq, nk = num_heads * d, num_kv_heads * d
+    lead = qkv.shape[:-1]
+    return (qkv[..., :nq].reshape(*lead, num_heads, d), qkv[..., nq:nq + nk].reshape(*lead, num_kv_heads, d),
+            qkv[..., nq + nk:].reshape(*lead, num_kv_heads, d))
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding, HF's rotate_half convention: x (..., heads, D); cos/sin (..., D) float32 (one row per
+    position, shared by the heads). Computed in float32, rounded once to x's dtype."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
+
+
+def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
+                               v_cache: jax.Array, kv_valid: jax.Array, start: jax.Array,
+                               sliding_window: int | None = None, *,
+                               num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """XLA: split qkv (B, (H + 2 KV) D), rotate q and k (cos/sin (B, D)), write k/v at cache slot `start`, then
+    attend q over the cache. Returns (out (B, H, D) in qkv's dtype, k_cache, v_cache)."""
+    q, k, v = split_qkv(qkv, num_heads, k_cache.shape[2])
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    k_cache, v_cache = write_cache(k_cache, v_cache, k[:, None], v[:, None], start)
+    mask = cache_attention_mask(kv_valid, start, 1, sliding_window)
+    out = attention_reference(q[:, None], k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+    return out[:, 0], k_cache, v_cache
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """block_k: cache slots per loop step (power of two >= 16); splits: programs per (row, kv head) over the
+    slots (None: enough for about `programs` programs in all); num_warps, num_stages: Triton parameters."""
+
+    block_k: int = 64
+    splits: int | None = None
+    programs: int = 264
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    s: int  # cache slots
+    nh: int  # query heads
+    kv: int  # key/value heads
+    g: int  # query heads per kv head
+    rows: int  # g padded to a power of two >= 16
+    d: int
+    block_k: int
+    splits: int
+    window: int | None
+    scale: float
+
+
+def _kernel(start_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, valid_ref, *outs, st: _Static):
+    b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start = start_ref[0]
+    hd = st.d // 2
+    lo, hi = pl.ds(0, hd), pl.ds(hd, hd)
+    rows = jax.lax.broadcasted_iota(jnp.int32, (st.rows,), 0)
+    row_ok = rows < st.g
+    dtype = qkv_ref.dtype
+    cos_lo, cos_hi, sin_lo, sin_hi = cos_ref[b, lo], cos_ref[b, hi], sin_ref[b, lo], sin_ref[b, hi]
+
+    def rotary(x_lo, x_hi):  # HF rotate_half: (lo, hi) -> (lo cos - hi sin, hi cos + lo sin), f32, rounded once
+        x_lo, x_hi = x_lo.astype(jnp.float32), x_hi.astype(jnp.float32)
+        return ((x_lo * cos_lo - x_hi * sin_lo).astype(dtype), (x_hi * cos_hi + x_lo * sin_hi).astype(dtype))
+
+    q_rows = pl.ds(h * st.g, st.rows)
+    q_lo, q_hi = rotary(plgpu.load(qkv_ref.at[b, q_rows, lo], mask=row_ok[:, None], other=0),
+                        plgpu.load(qkv_ref.at[b, q_rows, hi], mask=row_ok[:, None], other=0))
+    kn_lo, kn_hi = rotary(qkv_ref[b, st.nh + h, lo], qkv_ref[b, st.nh + h, hi])
+    vn = qkv_ref[b, st.nh + st.kv + h, :]
+
+    # the new token (split 0 only; always attended when its slot is valid)
+    in_cache = start < st.s  # callers keep start inside the cache; never read or write past it regardless
+    own_ok = (valid_ref[b, jnp.minimum(start, st.s - 1)] > 0) & (sp == 0) & in_cache
+    own = own_ok.astype(jnp.float32)  # 1.0 / 0.0 (scalar predicates are kept out of `where`: Triton lowering)
+    s_new = (jnp.sum(q_lo.astype(jnp.float32) * kn_lo.astype(jnp.float32)[None, :], axis=1)
+             + jnp.sum(q_hi.astype(jnp.float32) * kn_hi.astype(jnp.float32)[None, :], axis=1)) * st.scale
+    m = own * s_new + (1.0 - own) * _MASKED
+    l = own * jnp.ones((st.rows,), jnp.float32)
+    acc = own * jnp.broadcast_to(vn.astype(jnp.float32)[None, :], (st.rows, st.d))
+
+    nblocks = -(-st.s // st.block_k)
+    j_lo = sp * nblocks // st.splits
+    j_hi = (sp + 1) * nblocks // st.splits
+    lo_slot = jnp.int32(-1) if st.window is None else start - st.window  # slots > lo_slot
+    qk_dims = (((1,), (1,)), ((), ()))
+
+    def body(j, carry):
+        m, l, acc = carry
+        slots = j * st.block_k + jax.lax.broadcasted_iota(jnp.int32, (st.block_k,), 0)
+        in_range = slots < st.s
+        valid = plgpu.load(valid_ref.at[b, pl.ds(j * st.block_k, st.block_k)], mask=in_range, other=0)
+        ok = in_range & (slots < start) & (slots > lo_slot) & (valid > 0)
+        # keys/values are loaded for every slot in range (not only the allowed ones) so the loads do not wait for
+        # kv_valid's; a disallowed slot's scores are replaced and its probability is 0 (cache slots hold finite
+        # values: zeros or written keys/values)
+        blk = pl.ds(j * st.block_k, st.block_k)
+        if st.s % st.block_k:
+            k_lo = plgpu.load(kc_ref.at[b, blk, h, lo], mask=in_range[:, None], other=0)
+            k_hi = plgpu.load(kc_ref.at[b, blk, h, hi], mask=in_range[:, None], other=0)
+            vb = plgpu.load(vc_ref.at[b, blk, h, :], mask=in_range[:, None], other=0)
+        else:
+            k_lo, k_hi, vb = kc_ref[b, blk, h, lo], kc_ref[b, blk, h, hi], vc_ref[b, blk, h, :]
+        sc = (jax.lax.dot_general(q_lo, k_lo, qk_dims, preferred_element_type=jnp.float32)
+              + jax.lax.dot_general(q_hi, k_hi, qk_dims, preferred_element_type=jnp.float32)) * st.scale
+        sc = jnp.where(ok[None, :], sc, _MASKED)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        p = jnp.where(ok[None, :], jnp.exp(sc - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(dtype), vb, preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    m, l, acc = jax.lax.fori_loop(j_lo, j_hi, body, (m, l, acc))
+
+    if st.splits == 1:
+        o_ref, kco_ref, vco_ref = outs
+        out = (acc / l[:, None]).astype(o_ref.dtype)
+        plgpu.store(o_ref.at[b, pl.ds(h * st.g, st.rows), :], out, mask=row_ok[:, None])
+    else:
+        acc_ref, m_ref, l_ref, kco_ref, vco_ref = outs
+        acc_ref[b, h, sp] = acc
+        m_ref[b, h, sp] = m
+        l_ref[b, h, sp] = l
+
+    @pl.when((sp == 0) & in_cache)
+    def _():
+        kco_ref[b, start, h, lo] = kn_lo.astype(kco_ref.dtype)
+        kco_ref[b, start, h, hi] = kn_hi.astype(kco_ref.dtype)
+        vco_ref[b, start, h, :] = vn.astype(vco_ref.dtype)
+
+
+def _splits_for(cfg: AttentionConfig, b: int, kv: int, s: int) -> int:
+    nblocks = -(-s // cfg.block_k)
+    if cfg.splits is not None:
+        return max(1, min(cfg.splits, nblocks))
+    return max(1, min(nblocks, -(-cfg.programs // (b * kv))))
+
+
+# Jitted so that a model's per-layer calls (same shapes and config) lower to one kernel, as gptq_matmul. The cache
+# operands alias the cache outputs inside; the caller's buffers are donated by its own jit.
+@functools.partial(jax.jit, static_argnames=("sliding_window", "num_heads", "config", "interpret"))
+def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
+                            v_cache: jax.Array, kv_valid: jax.Array, start: jax.Array,
+                            sliding_window: int | None = None, *, num_heads: int,
+                            config: AttentionConfig = AttentionConfig(),
+                            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The Pallas kernel; arguments and result as `decode_attention_reference` (qkv and the caches in one 16-bit
+    dtype; head_dim a multiple of 32)."""
+    b = qkv.shape[0]
+    _, s, kv, d = k_cache.shape
+    nh = num_heads
+    g = nh // kv
+    rows = max(16, 1 << (g - 1).bit_length())
+    splits = _splits_for(config, b, kv, s)
+    st = _Static(s=s, nh=nh, kv=kv, g=g, rows=rows, d=d, block_k=config.block_k, splits=splits,
+                 window=sliding_window, scale=float(d ** -0.5))
+    start_arr = jnp.asarray(start, jnp.int32).reshape(1)
+    valid = kv_valid.astype(jnp.int32)
+    heads = qkv.reshape(b, nh + 2 * kv, d)  # free: the row is q | k | v heads of d
+    cos, sin = cos.astype(jnp.float32), sin.astype(jnp.float32)
+    if interpret:  # whole blocks for the interpreter (it clamps out-of-range slices instead of masking)
+        nblk = -(-s // config.block_k) * config.block_k
+        heads = jnp.pad(heads, ((0, 0), (0, rows), (0, 0)))
+        valid = jnp.pad(valid, ((0, 0), (0, nblk - s)))
+        pad = ((0, 0), (0, nblk - s), (0, 0), (0, 0))
+        k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
+    cache_shapes = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+    if splits == 1:
+        out_rows = nh + (rows if interpret else 0)
+        out_shape = [jax.ShapeDtypeStruct((b, out_rows, d), qkv.dtype), *cache_shapes]
+        first_cache_out = 1
+    else:
+        out_shape = [jax.ShapeDtypeStruct((b, kv, splits, rows, d), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kv, splits, rows), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kv, splits, rows), jnp.float32), *cache_shapes]
+        first_cache_out = 3
+    outs = pl.pallas_call(
+        functools.partial(_kernel, st=st),
+        out_shape=out_shape,
+        grid=(b, kv, splits),
+        input_output_aliases={4: first_cache_out, 5: first_cache_out + 1},
+        compiler_params=None if interpret else compiler_params(config.num_warps, config.num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(start_arr, heads, cos, sin, k_cache, v_cache, valid)
+    k_out, v_out = outs[first_cache_out], outs[first_cache_out + 1]
+    if interpret:
+        k_out, v_out = k_out[:, :s], v_out[:, :s]
+    if splits == 1:
+        return outs[0][:, :nh], k_out, v_out
+    acc, m, l = outs[:3]
+    mx = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp(m - mx)
+    den = jnp.sum(w * l, axis=2)
+    num = jnp.sum(w[..., None] * acc, axis=2)
+    out = (num / den[..., None])[:, :, :g].astype(qkv.dtype)  # (B, KV, g, D)
+    return out.reshape(b, nh, d), k_out, v_out
+
+
+def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     kv_valid: jax.Array, start: jax.Array, sliding_window: int | None = None, *, num_heads: int,
+                     backend: Literal["pallas", "interpret", "xla"] | None = None,
+                     config: AttentionConfig | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode step's attention: rotate the new token's q and k, write its k/v at cache slot `start`, attend
+    over the cache.
+
+    qkv (B, (H + 2 KV) D): the new token's q | k | v projections (before rotary; H = num_heads, KV and D from the
+    caches); cos, sin (B, D) float32: the rotary table at each row's position; k_cache, v_cache (B, S, KV, D);
+    kv_valid (B, S) 0/1 (slots holding real tokens); start: int32 scalar, the new token's slot (the same for
+    every row). Slot s is attended when s <= start, kv_valid[b, s] and, with a sliding window, s > start - window.
+    Returns (out (B, H, D) in qkv's dtype, updated k_cache, updated v_cache).
+
+    backend: None picks "pallas" on a GPU when qkv and the caches share a 16-bit dtype and D is a multiple of 32,
+    "xla" (the reference) otherwise; "interpret" runs the kernel in Pallas' interpreter (tests).
+    """
+    if qkv.ndim != 2 or cos.shape != sin.shape or cos.ndim != 2 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention wants qkv (B, (H + 2 KV) D), cos and sin (B, D), caches (B, S, KV, D); "
+                         f"got {qkv.shape}, {cos.shape}, {sin.shape}, {k_cache.shape}, {v_cache.shape}")
+    b, s, kv, d = k_cache.shape
+    if num_heads % kv:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {kv} kv heads")
+    if qkv.shape != (b, (num_heads + 2 * kv) * d) or cos.shape != (b, d):
+        raise ValueError(f"qkv {qkv.shape} / cos {cos.shape} do not fit {num_heads} query heads and caches "
+                         f"{k_cache.shape}: want qkv {(b, (num_heads + 2 * kv) * d)}, cos {(b, d)}")
+    dtypes = {jnp.dtype(a.dtype) for a in (qkv, k_cache, v_cache)}
+    ok = len(dtypes) == 1 and dtypes.pop() in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)) and d % 32 == 0
+    if backend is None:
+        backend = "pallas" if jax.default_backend() == "gpu" and ok else "xla"
+    if backend not in ("pallas", "interpret", "xla"):
+        raise ValueError(f"backend={backend!r}: use 'pallas', 'interpret' or 'xla'")
+    args = (qkv, cos, sin, k_cache, v_cache, kv_valid, start, sliding_window)
+    if backend == "xla" or not ok:
+        return decode_attention_reference(*args, num_heads=num_heads)
+    return decode_attention_pallas(*args, num_heads=num_heads, config=config or AttentionConfig(),
+                                   interpret=backend == "interpret")
