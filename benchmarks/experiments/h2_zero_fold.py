@@ -1,7 +1,10 @@
 """Probe (sixteenth session): the M = 1 / 2 dispatcher kernels with the symmetric zero point folded into the h2
 unpacking (no sum of x in the kernel), device time per call (bench_kernels.jax_time, L2-cold rotation).
 
-    PYTHONPATH=$PWD python3 benchmarks/experiments/h2_zero_fold.py
+    PYTHONPATH=$PWD python3 benchmarks/experiments/h2_zero_fold.py [--old]
+
+--old: the kernels as they were before the fold (a copy in benchmarks/experiments/old/), imported before
+bench_kernels puts the repository first on sys.path.
 """
 
 import math
@@ -10,6 +13,11 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+if "--old" in sys.argv:
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "old"))
+import pallas_kernels  # noqa: E402  (first: the copy chosen above)
+
+print("kernels from", pallas_kernels.__file__, flush=True)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
