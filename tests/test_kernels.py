@@ -192,6 +192,24 @@ def test_kernel_shapes(k, n, m, cfg_name, dtype):
     check(KERNEL(x, w, config=dict(KERNEL_CONFIGS)[cfg_name], interpret=INTERPRET, poison=True), x, w64, dtype)
 
 
+FOLD_CASES = [(2, True, 1, "fp16"), (3, True, 2, "bf16"), (4, True, 1, "bf16"), (4, False, 2, "fp16"), (8, True, 1, "fp16")]
+
+
+@pytest.mark.parametrize("bits,sym,m,dtype", FOLD_CASES, ids=[f"b{b}-{'sym' if s else 'asym'}-m{m}-{d}"
+                                                              for b, s, m, d in FOLD_CASES])
+def test_h2_fold_zero(bits, sym, m, dtype):
+    """KernelConfig.fold_zero: symmetric weights subtract the zero point while unpacking (no sum of x); stored zero
+    points keep the sum of x. Float64 check either way."""
+    fmt = "gptq" if sym else "gptq_v2"
+    t, w64 = make_layer(40 + bits, bits, 576, 96, 64, sym, False, fmt)
+    w = prep(t, bits, fmt)
+    cfg = KernelConfig(mode="fma", block_m=m, block_n=64, convert="h2", split_k=2, fold_zero=True)
+    x = rand_x(bits, m, 576, DTYPES[dtype])
+    check(KERNEL(x, w, config=cfg, interpret=INTERPRET, poison=True), x, w64, dtype)
+    with pytest.raises(ValueError, match="fold_zero"):
+        KernelConfig(mode="fma", block_m=1, convert="pos", fold_zero=True)
+
+
 def test_poison_detects_unwritten_tiles():
     """The poison check can fail: a kernel whose grid skips the last N tile leaves NaN there."""
     t, w64 = make_layer(5, 4, 256, 256, 128, True, False)
