@@ -58,11 +58,18 @@ class Rule:
 # swapping loses. M = 1, bits 3 and 8 (2026-11-24, fifteenth session, device time; the M = 1 rule had only been tuned
 # on 4 bits): 64-column blocks, 4 warps, 4224 programs: 3-bit 8192x28672 49.0 us vs 60.4 (3.08x fp16 vs 2.50x),
 # 28672x8192 49.6 vs 59.8; 8-bit 82.7 vs 106.6 (1.83x vs 1.42x) and 81.2 vs 107.8 (1.88x); 4-bit gains nothing
-# from them (47.5 vs 46.8 us on 8192x28672).
+# from them (47.5 vs 46.8 us on 8192x28672). Sixteenth session (device time): the zero point folded into the
+# unpacking (`fold_zero`) is faster at M = 2 for every width (4-bit 0.87-0.93x the time, 2-bit 0.82x, 3-bit
+# 0.94-0.95x, 8-bit 0.98x) and at M = 1 for 3 bits (0.92-1.00x) and 2 bits (0.92x), but slower for 4 bits at M = 1
+# (1.10-1.26x, except 0.94x on 4096x4096) and neutral to slower for 8 bits (1.00-1.04x).
+_M1_NARROW = KernelConfig(mode="fma", block_m=1, block_n=64, num_warps=4, convert="h2")
+_M1 = KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2")
 TABLE: tuple[Rule, ...] = (
-    Rule(1, KernelConfig(mode="fma", block_m=1, block_n=64, num_warps=4, convert="h2"), 4224, bits=(3, 8)),
-    Rule(1, KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2"), 2112),
-    Rule(2, KernelConfig(mode="fma", block_m=2, block_n=128, num_warps=8, convert="h2"), 1056),
+    Rule(1, dataclasses.replace(_M1_NARROW, fold_zero=True), 4224, bits=(3,)),
+    Rule(1, _M1_NARROW, 4224, bits=(8,)),
+    Rule(1, dataclasses.replace(_M1, fold_zero=True), 2112, bits=(2,)),
+    Rule(1, _M1, 2112),
+    Rule(2, KernelConfig(mode="fma", block_m=2, block_n=128, num_warps=8, convert="h2", fold_zero=True), 1056),
     Rule(16, KernelConfig(mode="dot", block_m=16, block_n=128, num_warps=4, convert="asm", swap_ab=True), 528),
     Rule(32, KernelConfig(mode="dot", block_m=32, block_n=128, num_warps=4, convert="magic16"), 264),
     Rule(64, KernelConfig(mode="dot", block_m=64, block_n=128, num_warps=4, convert="asm"), 264),

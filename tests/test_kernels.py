@@ -280,18 +280,18 @@ def test_dispatch_choices():
             assert w.n_pad % cfg.block_n == 0
             assert cfg.split_k <= w.num_steps
     assert D.choose_config(w, 1) is not None
-    # M = 1: 3- and 8-bit weights take their own rule (narrower column blocks, more programs), others the first
-    # rule without bits
+    # M = 1: 3- and 8-bit weights take their own rule (narrower column blocks, more programs), 2- and 3-bit ones
+    # fold the zero point into the unpacking, 4-bit ones take the first rule without bits; M = 2 folds it for all
     for bits in (2, 3, 4, 8):
         tb, _ = make_layer(0, bits, 1024, 1024, 128, True, False)
         wb = prep(tb, bits)
         cfg = D.choose_config(wb, 1)
         rule = next(r for r in D.TABLE if r.max_m >= 1 and (r.bits is None or bits in r.bits))
-        assert (bits in (3, 8)) == (rule.bits is not None)
-        assert cfg.block_n == rule.config.block_n and cfg.convert == "h2"
+        assert (bits != 4) == (rule.bits is not None)
+        assert cfg.block_n == (64 if bits in (3, 8) else 128) and cfg.convert == "h2"
+        assert cfg.fold_zero == (bits in (2, 3)) and D.choose_config(wb, 2).fold_zero
         want = max(1, min(wb.num_steps, round(rule.programs / (wb.n_pad // cfg.block_n))))
         assert cfg.split_k == want
-    assert D.TABLE[0].config.block_n != D.TABLE[1].config.block_n
 
 
 def test_float32_input_uses_reference():
