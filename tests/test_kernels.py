@@ -192,7 +192,8 @@ def test_kernel_shapes(k, n, m, cfg_name, dtype):
     check(KERNEL(x, w, config=dict(KERNEL_CONFIGS)[cfg_name], interpret=INTERPRET, poison=True), x, w64, dtype)
 
 
-FOLD_CASES = [(2, True, 1, "fp16"), (3, True, 2, "bf16"), (4, True, 1, "bf16"), (4, False, 2, "fp16"), (8, True, 1, "fp16")]
+FOLD_CASES = [(2, True, 1, "fp16"), (3, True, 2, "bf16"), (4, True, 1, "bf16"), (4, False, 2, "fp16"),
+              (8, True, 1, "fp16")]
 
 
 @pytest.mark.parametrize("bits,sym,m,dtype", FOLD_CASES, ids=[f"b{b}-{'sym' if s else 'asym'}-m{m}-{d}"
