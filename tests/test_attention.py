@@ -159,9 +159,8 @@ def test_kernel_lowers_for_cuda(splits):
 def test_identical_layer_calls_share_one_lowering():
     """A decoder calls the kernel once per layer with the same shapes: the jitted wrapper lowers it once, and the
     cache operands still alias the cache outputs (no copy of the cache inside the kernel's call)."""
-    import re
-
     from pallas_kernels.attention import decode_attention_pallas
+    from tests.test_kernels import cuda_lowering, kernel_calls_in_lowering
 
     qkv = jax.ShapeDtypeStruct((2, (9 + 6) * 64), jnp.float16)
     cos = jax.ShapeDtypeStruct((2, 64), jnp.float32)
@@ -172,14 +171,11 @@ def test_identical_layer_calls_share_one_lowering():
         return [fn(qkv + i, cos, sin, kc, vc, valid, jnp.int32(7), None, num_heads=9)
                 for i in range(3)]  # three layers' outputs and their updated caches
 
-    def lowered(fn):
-        f = jax.jit(functools.partial(layers, fn=fn))
-        text = f.trace(qkv, cos, cos, kc, kc, valid).lower(lowering_platforms=("cuda",)).as_text()
-        return text, re.findall(r"custom_call @(\S+)\(", text)
-
-    text, calls = lowered(decode_attention_pallas)
-    assert calls == ["__gpu$xla.gpu.triton"]
+    args = (qkv, cos, cos, kc, kc, valid)
+    jitted = functools.partial(layers, fn=decode_attention_pallas)
+    assert kernel_calls_in_lowering(jitted, *args) == ["__gpu$xla.gpu.triton"]
+    text = cuda_lowering(jitted, *args)
     assert text.count("call @decode_attention_pallas(") == 3
     assert "output_operand_aliases" in text
-    _, unjitted = lowered(decode_attention_pallas.__wrapped__)  # what the jit saves: one lowering per call
-    assert len(unjitted) == 3
+    # what the jit saves: unjitted, every call lowers its own kernel
+    assert len(kernel_calls_in_lowering(functools.partial(layers, fn=decode_attention_pallas.__wrapped__), *args)) == 3

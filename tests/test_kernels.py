@@ -132,7 +132,7 @@ KERNEL_CONFIGS = [
 ]
 MS_FOR = {"fma-pos": [1, 2], "fma-shift": [3], "dot-magic": [1, 16], "dot-asm": [3, 16], "dot-cvt": [64],
           "fma-h2": [1, 2]}
-KERNEL = jax.jit(G.gptq_matmul, static_argnames=("config", "interpret", "out_dtype", "poison"))
+KERNEL = G.gptq_matmul  # jitted itself (config, interpret, out_dtype and poison static)
 
 
 def _combo_config(i: int, bits: int) -> str:
@@ -405,12 +405,16 @@ def test_multi_permutation_backward_and_dispatch():
     np.testing.assert_allclose(np.asarray(dx, np.float64), ref, rtol=0, atol=5e-3 * np.abs(ref).max())
 
 
+def cuda_lowering(fn, *args) -> str:
+    """The CUDA lowering of jit(fn)(*args) as StableHLO text (CPU is enough: no kernel is compiled)."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def kernel_calls_in_lowering(fn, *args) -> list[str]:
-    """Custom-call targets in the CUDA lowering of jit(fn)(*args) (CPU is enough: no kernel is compiled)."""
+    """Custom-call targets in the CUDA lowering of jit(fn)(*args)."""
     import re
 
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    return re.findall(r"custom_call @(\S+)\(", text)
+    return re.findall(r"custom_call @(\S+)\(", cuda_lowering(fn, *args))
 
 
 def test_identical_kernel_calls_share_one_lowering():
