@@ -142,7 +142,7 @@ class _Static:
     mask_n: bool
     cfg: KernelConfig
     interpret: bool = False
-    h2: bool = False  # fma mode through _h2_asm (x scaled by 2^-h2_exp as it is loaded)
+    h2: bool = False  # fma mode through _h2_asm (codes scaled by 2^-h2_exp as they are unpacked)
     h2_exp: int = 0
     part_starts: tuple[int, ...] = ()  # first column of parts 1.. (x is stacked per part: (P, M, K))
 
@@ -337,8 +337,9 @@ def _code_fma(st: _Static, tiles, j: int) -> tuple[jax.Array, float]:
 
 
 def _h2_exp(bits: int, dtype) -> int:
-    """fp16: x is pre-scaled by 2^-e so a half2 lane's sum of 32/bits/2 products code * x can never overflow
-    (|x| <= 65504; 4 bits: 4 products of codes <= 15, e = 6). bf16 has fp32's range: e = 0."""
+    """fp16: the unpacked codes are scaled by 2^-e (exactly, in the unpacking's fma) so that a half2 lane's sum of
+    32/bits/2 products code * x can never overflow (|x| <= 65504; 4 bits: 4 products of codes <= 15, e = 6); the
+    scales are multiplied by 2^e. bf16 has fp32's range: e = 0."""
     if dtype != jnp.float16:
         return 0
     return int(np.ceil(np.log2(_h2_half(bits) * ((1 << bits) - 1))))
@@ -384,21 +385,34 @@ def _h2_words(st: _Static, tiles) -> tuple[jax.Array, ...]:
     return (tiles[0][0], tiles[0][1], tiles[1][0]) if st.bits == 3 else (tiles[0][0],)
 
 
-def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
-    """PTX for one int32 word w (bits 3: the words lo0, lo1, hi) and, per x row, the packed x pairs
-    (x_j, x_{j+half}) -> per row and accumulator set of `_h2_plan`, one f32 (lanes in one group: low + high) or two
-    (low, high): sum_j x_j * (code_j - zero) in each lane, zero = `_h2_zero`. The codes are unpacked once for all
-    rows.
+def _h2_cvt(acc: str, dtype) -> list[str]:
+    """PTX: the two lanes of the half2 register `acc` as f32 in f0 (low) and f1 (high)."""
+    if dtype == jnp.float16:
+        return [f"mov.b32 {{h0, h1}}, {acc};", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;"]
+    return [f"shl.b32 f0, {acc}, 16;", f"and.b32 f1, {acc}, 0xFFFF0000;"]  # bf16 -> f32: the high 16 bits
 
-    Per pair: one lop3 puts fields j and j + P/2 into the mantissas of a half2 (magic + code * 2^p), one fma
-    removes the magic, the 2^p and the zero exactly (code * 2^p fits the mantissa, so the result is the integer
-    code - zero),
-    one fma multiply-adds it with the x pair; a field that would not fit the mantissa comes from a shifted copy
-    of the word (one shift serves the following fields). Bits 3: pair j takes its two low bits from field j // 2 of
-    lo word j % 2 and its high bit from bit j of the hi word, shifted once per lo word to sit just above the field;
-    two lop3s assemble magic + code * 2^p in both lanes (shifted copies of both words once p would leave the
-    mantissa). Products and the per-word lane sums round to fp16/bf16; the sums over words
-    accumulate in fp32 (the kernel). Returns (asm, number of outputs per row).
+
+_H2_REGS = [".reg .b32 t, q, v, l<2>, s<2>;", ".reg .b16 h0, h1;", ".reg .f32 f0, f1;"]
+
+
+def _h2_asm(st: _Static, dtype, rows: int) -> str:
+    """PTX for one word position of a K step. Operands: per row the f32 accumulator out; then the int32 word w
+    (bits 3: the words lo0, lo1, hi), per x row the packed x pairs (x_j, x_{j+half}) as raw 16-bit values, per
+    group slot s' = s * 2^e (f32), unless the zero point is folded per slot -s' * z and per row and slot the
+    scaled x sums of `_h2_xsum_asm`, and per row the accumulator in. Per row:
+
+        acc + sum over slots g: s'_g * sum_{j in g} q_j x_j  [- s'_g z_g xs_g],   q_j = (code_j - zero) * 2^-e
+
+    with zero = `_h2_zero` and e = `_h2_exp`. The codes are unpacked once for all rows. Per pair: one lop3 puts
+    fields j and j + P/2 into the mantissas of a half2 (magic + code * 2^p), one fma removes the magic, the 2^p
+    and the zero and applies the 2^-e, exactly (q is a small integer times a power of two); a field that would not
+    fit the mantissa comes from a shifted copy of the word (one shift serves the following fields). Then one fma
+    per row multiply-adds q with the x pair into the half2 lane sums of its accumulator set (`_h2_plan`), which
+    round to fp16/bf16; each set's two lanes become f32 and are multiply-added with their slots' scales (two f32
+    fmas), so the sums over words and K steps accumulate in f32. Bits 3: pair j takes its two low bits from
+    field j // 2 of lo word j % 2 and its high bit from bit j of the hi word, shifted once per lo word to sit just
+    above the field; two lop3s assemble magic + code * 2^p in both lanes (shifted copies of both words once p
+    would leave the mantissa).
     """
     bits = st.bits
     half = _h2_half(bits)
@@ -408,11 +422,16 @@ def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
     sfx = "f16x2" if dtype == jnp.float16 else "bf16x2"
     mask = (1 << bits) - 1
     zero = _h2_zero(st)
+    down = 2.0 ** -st.h2_exp
     plan = _h2_plan(st)
-    n_out = sum(1 if lo == hi else 2 for _, lo, hi in plan)
-    w_arg = n_out * rows
-    x_args = [[w_arg + nw + i * half + j for j in range(half)] for i in range(rows)]  # [row][pair]
     nacc = len(plan)
+    nslots = len(_groups_in_step(st, 0))
+    w_arg = rows
+    x_args = [[w_arg + nw + i * half + j for j in range(half)] for i in range(rows)]  # [row][pair]
+    s_arg = w_arg + nw + rows * half
+    nsz_arg = s_arg + nslots
+    xs_args = [[nsz_arg + nslots + i * nslots + g for g in range(nslots)] for i in range(rows)]
+    acc_arg = s_arg + nslots + (0 if zero else nslots + rows * nslots)
     body: list[str] = []
     consts: dict[int, str] = {}  # f16x2/bf16x2 operands must be registers: one mov per distinct constant
 
@@ -447,8 +466,8 @@ def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
                 src, p = "v", 0
             m2 = (mask << p) | (mask << (p + 16))
             body.append(f"lop3.b32 t, {src}, {m2}, {mg | mg << 16}, 0xEA;")
-        sc = _h2_bits16(2.0 ** -p, dtype)
-        off = _h2_bits16(-magic * 2.0 ** -p - zero, dtype)
+        sc = _h2_bits16(2.0 ** -p * down, dtype)
+        off = _h2_bits16((-magic * 2.0 ** -p - zero) * down, dtype)
         body.append(f"fma.rn.{sfx} q, t, {const(sc | sc << 16)}, {const(off | off << 16)};")
         a = set_of[j]
         for i in range(rows):
@@ -458,26 +477,49 @@ def _h2_asm(st: _Static, dtype, rows: int) -> tuple[str, int]:
             else:
                 body.append(f"fma.rn.{sfx} {acc}, q, ${x_args[i][j]}, {acc};")
         first[a] = False
-    lines = ["{", ".reg .b32 t, q, v, l<2>, s<2>, a<%d>, k<%d>;" % (rows * nacc, len(consts)), ".reg .b16 h0, h1;",
-             ".reg .f32 f0, f1;"]
-    lines += [f"mov.b32 {name}, {v};" for v, name in consts.items()]
-    lines += body
-    out = 0
+    # the outputs are written last: an output may share a register with an input (no early clobber)
     for i in range(rows):
+        prev = f"${acc_arg + i}"
         for a, (_, lo, hi) in enumerate(plan):
-            acc = f"a{i * nacc + a}"
-            if dtype == jnp.float16:
-                lines += [f"mov.b32 {{h0, h1}}, {acc};", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;"]
-            else:  # bf16 -> f32 is a 16-bit shift of the bit pattern
-                lines += [f"shl.b32 f0, {acc}, 16;", f"and.b32 f1, {acc}, 0xFFFF0000;"]
-            if lo == hi:
-                lines.append(f"add.f32 ${out}, f0, f1;")
-                out += 1
-            else:
-                lines += [f"mov.f32 ${out}, f0;", f"mov.f32 ${out + 1}, f1;"]
-                out += 2
-    lines.append("}")
-    return "\n".join(lines), n_out
+            body += _h2_cvt(f"a{i * nacc + a}", dtype)
+            body.append(f"fma.rn.f32 r{i}, f0, ${s_arg + lo}, {prev};")
+            body.append(f"fma.rn.f32 r{i}, f1, ${s_arg + hi}, r{i};")
+            prev = f"r{i}"
+        if not zero:
+            for g in range(nslots):
+                body.append(f"fma.rn.f32 r{i}, ${xs_args[i][g]}, ${nsz_arg + g}, r{i};")
+    body += [f"mov.f32 ${i}, r{i};" for i in range(rows)]
+    lines = ["{", *_H2_REGS, f".reg .b32 a<{rows * nacc}>, k<{len(consts)}>;", f".reg .f32 r<{rows}>;"]
+    lines += [f"mov.b32 {name}, {v};" for v, name in consts.items()]
+    return "\n".join(lines + body + ["}"])
+
+
+def _h2_xsum_asm(st: _Static, dtype, rows: int) -> str:
+    """PTX: per x row the packed x pairs (x_j, x_{j+half}) -> per row and group slot the f32 sum of its x values
+    times 2^-e, for the zero-point term of `_h2_asm` (exact conversions, f32 additions: a half2 sum loses too much
+    in bf16). Operands: outputs [row][slot], then the pairs [row][pair]."""
+    half = _h2_half(st.bits)
+    nslots = len(_groups_in_step(st, 0))
+    x0 = rows * nslots
+    body = []
+    for i in range(rows):
+        done = [False] * nslots
+        for js, lo, hi in _h2_plan(st):
+            for j in js:
+                body += _h2_cvt(f"${x0 + i * half + j}", dtype)
+                for g, f in ((lo, "f0"), (hi, "f1")):
+                    out = f"r{i * nslots + g}"
+                    body.append(f"add.f32 {out}, {out}, {f};" if done[g] else f"mov.f32 {out}, {f};")
+                    done[g] = True
+    down = 2.0 ** -st.h2_exp
+    # the 2^-e last (exact), the outputs last (they may share input registers)
+    body += [f"mul.f32 ${o}, r{o}, {_f32_hex(down)};" for o in range(rows * nslots)]
+    return "\n".join(["{", *_H2_REGS, f".reg .f32 r<{rows * nslots}>;", *body, "}"])
+
+
+def _f32_hex(v: float) -> str:
+    """PTX f32 immediate (0fXXXXXXXX) of v."""
+    return "0f%08X" % int(np.array(v, np.float32).view(np.uint32))
 
 
 def _h2_codes(bits: int, words: tuple[jax.Array, ...], j: int) -> tuple[jax.Array, jax.Array]:
@@ -491,46 +533,79 @@ def _h2_codes(bits: int, words: tuple[jax.Array, ...], j: int) -> tuple[jax.Arra
     return srl(words[0], bits * j) & mask, srl(words[0], bits * (j + half)) & mask
 
 
-def _h2_emulate(st: _Static, dtype, words: tuple[jax.Array, ...], xpairs: list[jax.Array]) -> list[jax.Array]:
+def _h2_lanes(pair: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """The low and high 16-bit lanes of packed int32 values as `dtype` (jnp twins)."""
+    lo = jax.lax.bitcast_convert_type((pair & 0xFFFF).astype(jnp.uint16), dtype)
+    return lo, jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(pair, 16).astype(jnp.uint16), dtype)
+
+
+def _h2_emulate(st: _Static, dtype, words, xpairs, scales, nsz, xs, acc) -> jax.Array:
     """jnp twin of `_h2_asm` for one row (the interpreter cannot run PTX): the same lanes, sets and roundings."""
-    bits = st.bits
-    half = _h2_half(bits)
-    zero = _h2_zero(st)
+    half = _h2_half(st.bits)
+    zero, down = _h2_zero(st), 2.0 ** -st.h2_exp
     plan = _h2_plan(st)
     set_of = {j: i for i, (js, _, _) in enumerate(plan) for j in js}
-    acc: list = [None] * len(plan)
+    sums: list = [None] * len(plan)
     for j in range(half):
-        xlo = jax.lax.bitcast_convert_type((xpairs[j] & 0xFFFF).astype(jnp.uint16), dtype)
-        xhi = jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(xpairs[j], 16).astype(jnp.uint16), dtype)
-        qlo, qhi = ((c - zero).astype(jnp.float32).astype(dtype) for c in _h2_codes(bits, words, j))
+        xlo, xhi = _h2_lanes(xpairs[j], dtype)
+        qlo, qhi = (((c - zero).astype(jnp.float32) * down).astype(dtype) for c in _h2_codes(st.bits, words, j))
         prod = ((qlo * xlo), (qhi * xhi))
         a = set_of[j]
-        acc[a] = prod if acc[a] is None else (acc[a][0] + prod[0], acc[a][1] + prod[1])
-    outs = []
-    for (lo_v, hi_v), (_, lo, hi) in zip(acc, plan):
-        f0, f1 = lo_v.astype(jnp.float32), hi_v.astype(jnp.float32)
-        outs += [f0 + f1] if lo == hi else [f0, f1]
-    return outs
+        sums[a] = prod if sums[a] is None else (sums[a][0] + prod[0], sums[a][1] + prod[1])
+    for (lo_v, hi_v), (_, lo, hi) in zip(sums, plan):
+        acc = acc + lo_v.astype(jnp.float32) * scales[lo] + hi_v.astype(jnp.float32) * scales[hi]
+    if not zero:
+        for g, n in enumerate(nsz):
+            acc = acc + xs[g] * n
+    return acc
 
 
-def _h2_word_sums(st: _Static, dtype, words: tuple[jax.Array, ...], xpairs: list[list[jax.Array]]
-                  ) -> list[list[jax.Array]]:
-    """words (`_h2_words`), xpairs[row][pair] -> per row, per accumulator set of `_h2_plan`: f32 tiles of
-    sum_j x_j * (code_j - `_h2_zero`) (one, or the low and the high lane)."""
+def _h2_xsum_emulate(st: _Static, dtype, xpairs: list[jax.Array]) -> list[jax.Array]:
+    """jnp twin of `_h2_xsum_asm` for one row."""
+    out: list = [None] * len(_groups_in_step(st, 0))
+    for js, lo, hi in _h2_plan(st):
+        for j in js:
+            for g, v in zip((lo, hi), _h2_lanes(xpairs[j], dtype)):
+                v = v.astype(jnp.float32)
+                out[g] = v if out[g] is None else out[g] + v
+    return [v * 2.0 ** -st.h2_exp for v in out]
+
+
+def _h2_xsums(st: _Static, dtype, xpairs: list[list[jax.Array]]) -> list[list[jax.Array]]:
+    """xpairs[row][pair] (SUB,) int32 -> [row][group slot] (SUB,) f32 sums of x * 2^-e (`_h2_xsum_asm`)."""
     if st.interpret:
-        return [_h2_emulate(st, dtype, words, xp) for xp in xpairs]
-    rows = len(xpairs)
-    asm, n_out = _h2_asm(st, dtype, rows)
+        return [_h2_xsum_emulate(st, dtype, xp) for xp in xpairs]
+    rows, nslots = len(xpairs), len(_groups_in_step(st, 0))
     flat = [a for xp in xpairs for a in xp]
-    outs = _inline_asm_multi(
-        asm,
-        *words,
+    outs = list(_inline_asm_multi(
+        _h2_xsum_asm(st, dtype, rows),
         *flat,
-        constraints=",".join(["=f"] * (n_out * rows) + ["r"] * (len(words) + len(flat))),
-        result_shape_dtypes=(jax.ShapeDtypeStruct(words[0].shape, jnp.float32),) * (n_out * rows),
+        constraints=",".join(["=f"] * (rows * nslots) + ["r"] * len(flat)),
+        result_shape_dtypes=(jax.ShapeDtypeStruct(flat[0].shape, jnp.float32),) * (rows * nslots),
+    ))
+    return [outs[i * nslots:(i + 1) * nslots] for i in range(rows)]
+
+
+def _h2_accumulate(st: _Static, dtype, words: tuple[jax.Array, ...], xpairs: list[list[jax.Array]],
+                   scales: list[jax.Array], nsz: list[jax.Array], xs: list[list[jax.Array]],
+                   accs: list[jax.Array]) -> list[jax.Array]:
+    """One K step of the h2 path (`_h2_asm`), every operand a (SUB, BN) tile: words (`_h2_words`), xpairs[row][pair],
+    scales[slot] (s * 2^e), nsz[slot] (-s * 2^e * z; empty with the zero folded), xs[row][slot] (`_h2_xsums`; empty
+    likewise), accs[row] f32 -> the updated accs."""
+    if st.interpret:
+        return [_h2_emulate(st, dtype, words, xp, scales, nsz, x, a)
+                for xp, x, a in zip(xpairs, xs or [[]] * len(accs), accs)]
+    rows = len(accs)
+    regs = [*words, *(a for xp in xpairs for a in xp)]
+    floats = [*scales, *nsz, *(a for x in xs for a in x), *accs]
+    outs = _inline_asm_multi(
+        _h2_asm(st, dtype, rows),
+        *regs,
+        *floats,
+        constraints=",".join(["=f"] * rows + ["r"] * len(regs) + ["f"] * len(floats)),
+        result_shape_dtypes=(jax.ShapeDtypeStruct(accs[0].shape, jnp.float32),) * rows,
     )
-    outs = list(outs)
-    return [outs[i * n_out:(i + 1) * n_out] for i in range(rows)]
+    return list(outs)
 
 
 def _kernel(*refs, st: _Static):
@@ -668,11 +743,7 @@ def _kernel(*refs, st: _Static):
         # fma: one (SUB, BN) fp32 accumulator per row; the per-row-position factorisation
         #   acc[r, n] += s[n] * (sum_j x[j*SUB + r] q[j*SUB + r, n] - z[n] * sum_j x[j*SUB + r])
         # needs no reduction inside the loop.
-        if st.h2:  # h2 packs x's own 16-bit values, scaled by 2^-e: exact (subnormals round, as in XLA)
-            x_scale = np.asarray(2.0**-st.h2_exp, x_ref.dtype)
-            xcast = (lambda v: v * x_scale) if st.h2_exp else (lambda v: v)
-        else:
-            xcast = lambda v: v.astype(jnp.float32)  # noqa: E731
+        xcast = (lambda v: v) if st.h2 else (lambda v: v.astype(jnp.float32))  # h2 packs x's 16-bit values
 
         def load_xrow(m, kk):
             idx = (part, m, pl.ds(kk, sub))
@@ -707,36 +778,26 @@ def _kernel(*refs, st: _Static):
             return tuple(accs)
 
         def body_h2(t, loaded, accs):
-            # x arrives scaled by 2^-e (load_xrow); the half2 word sums come back in f32, per group slot
+            # x pairs packed once per row ((SUB,) vectors); the asm unpacks each word once for all rows and
+            # multiply-adds the scaled half2 sums into the f32 accumulators
             tiles, xrows = loaded
-            accs = list(accs)
             half = _h2_half(bits)
-            plan = _h2_plan(st)
             groups = _groups_in_step(st, t)
-            sz = [load_scale_zero(g) for g, _ in groups]
+            up = 2.0**st.h2_exp
+            scales, nsz = [], []
+            for g, _ in groups:
+                s, z = load_scale_zero(g)
+                scales.append(jnp.broadcast_to((s * up)[None, :], (sub, bn)))
+                if not _h2_zero(st):
+                    nsz.append(jnp.broadcast_to((s * (z * -up))[None, :], (sub, bn)))
             packed = []
             for xr in xrows:
                 b16 = [jax.lax.bitcast_convert_type(v, jnp.int16).astype(jnp.int32) & 0xFFFF for v in xr]
-                packed.append([jnp.broadcast_to((b16[j] | (b16[j + half] << 16))[:, None], (sub, bn))
-                               for j in range(half)])
-            sums = _h2_word_sums(st, x_ref.dtype, _h2_words(st, tiles), packed)
-            for i in range(bm):
-                xr = xrows[i]
-                outs = iter(sums[i])
-                tsum: list = [None] * len(groups)
-                for _, lo, hi in plan:
-                    for slot in (lo,) if lo == hi else (lo, hi):
-                        v = next(outs)
-                        tsum[slot] = v if tsum[slot] is None else tsum[slot] + v
-                for slot, (_, js) in enumerate(groups):
-                    s, z = sz[slot]
-                    if not _h2_zero(st):  # with fold_zero, the unpacking already subtracted the zero point
-                        xs = xr[js[0]].astype(jnp.float32)
-                        for j in js[1:]:
-                            xs = xs + xr[j].astype(jnp.float32)
-                        tsum[slot] = tsum[slot] - xs[:, None] * (z[None, :] if st.has_zeros else z)
-                    accs[i] = accs[i] + (s * 2.0**st.h2_exp)[None, :] * tsum[slot]
-            return tuple(accs)
+                packed.append([b16[j] | (b16[j + half] << 16) for j in range(half)])
+            tile = lambda v: jnp.broadcast_to(v[:, None], (sub, bn))  # noqa: E731
+            xs = [] if _h2_zero(st) else [[tile(v) for v in r] for r in _h2_xsums(st, x_ref.dtype, packed)]
+            pairs = [[tile(v) for v in r] for r in packed]
+            return tuple(_h2_accumulate(st, x_ref.dtype, _h2_words(st, tiles), pairs, scales, nsz, xs, list(accs)))
 
         init = tuple(jnp.zeros((sub, bn), jnp.float32) for _ in range(bm))
         accs = run_steps(load_step, body_h2 if st.h2 else body, init)
