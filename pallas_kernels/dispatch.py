@@ -14,7 +14,8 @@ materialised, at every M: `TABLE_T`); through the XLA reference (`matmul_t.refer
 of dY over rows.
 
 `TABLE` was tuned on an H100 (benchmarks/bench_kernels.py --sweep; benchmarks/RESULTS.md). split_k is derived
-per shape: enough K splits that (N tiles x M tiles x splits) reaches the row's target number of programs.
+per shape: enough K splits that (N tiles x M tiles x splits) reaches the row's target number of programs, or, for
+a rule with `at_most` (4-bit at M = 1: one wave), the most splits that stay within it.
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ __all__ = ["Rule", "TABLE", "TABLE_T", "choose_config", "choose_wgmma", "gptq_li
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Rows up to max_m use `config` (None: dequantize, then XLA dot), split to about `programs` programs; a rule
-    with `bits` applies to weights of those bit widths only (the first matching rule wins)."""
+    """Rows up to max_m use `config` (None: dequantize, then XLA dot), split to about `programs` programs (with
+    `at_most`: to the most K splits that stay within `programs`, e.g. one wave); a rule with `bits` applies to
+    weights of those bit widths only (the first matching rule wins)."""
 
     max_m: int
     config: KernelConfig | None
     programs: int = 1056
     bits: tuple[int, ...] | None = None
+    at_most: bool = False
 
 
 # H100 sweeps (4-bit g128, fp16; benchmarks/RESULTS.md). M = 1 targets 2112 programs (2026-11-23, fourth session:
@@ -58,18 +61,17 @@ class Rule:
 # swapping loses. M = 1, bits 3 and 8 (2026-11-24, fifteenth session, device time; the M = 1 rule had only been tuned
 # on 4 bits): 64-column blocks, 4 warps, 4224 programs: 3-bit 8192x28672 49.0 us vs 60.4 (3.08x fp16 vs 2.50x),
 # 28672x8192 49.6 vs 59.8; 8-bit 82.7 vs 106.6 (1.83x vs 1.42x) and 81.2 vs 107.8 (1.88x); 4-bit gains nothing
-# from them (47.5 vs 46.8 us on 8192x28672). Sixteenth session (device time): the zero point folded into the
-# unpacking (`fold_zero`) is faster at M = 2 for every width (4-bit 0.87-0.93x the time, 2-bit 0.82x, 3-bit
-# 0.94-0.95x, 8-bit 0.98x) and at M = 1 for 3 bits (0.92-1.00x) and 2 bits (0.92x), but slower for 4 bits at M = 1
-# (1.10-1.26x, except 0.94x on 4096x4096) and neutral to slower for 8 bits (1.00-1.04x).
-_M1_NARROW = KernelConfig(mode="fma", block_m=1, block_n=64, num_warps=4, convert="h2")
-_M1 = KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2")
+# from them (47.5 vs 46.8 us on 8192x28672). The h2 kernel folds a symmetric weight's zero point into the
+# unpacking (seventeenth session: with the scale-and-accumulate inside its PTX, folding is faster or equal for every
+# width at M = 1 and 2; RESULTS.md). That rewrite also cut the kernel to 64 registers, so 8 programs of 4 warps fit
+# an SM (1056 on the H100) instead of 6, and the 4-bit M = 1 grid does better as one wave (at most 1056 programs,
+# never just over) than as two: 4096x12288 12.9 us vs 14.3, 11008x4096 12.5 vs 13.4, 8192x28672 44.2 vs 46.4,
+# 28672x8192 44.0 vs 46.4, 7B decode 450.3 vs 438.3 tok/s; only 8192x8192 loses (17.5 vs 16.2); one wave rounded
+# up instead (1120 programs) costs 8192x28672 60 us.
 TABLE: tuple[Rule, ...] = (
-    Rule(1, dataclasses.replace(_M1_NARROW, fold_zero=True), 4224, bits=(3,)),
-    Rule(1, _M1_NARROW, 4224, bits=(8,)),
-    Rule(1, dataclasses.replace(_M1, fold_zero=True), 2112, bits=(2,)),
-    Rule(1, _M1, 2112),
-    Rule(2, KernelConfig(mode="fma", block_m=2, block_n=128, num_warps=8, convert="h2", fold_zero=True), 1056),
+    Rule(1, KernelConfig(mode="fma", block_m=1, block_n=64, num_warps=4, convert="h2"), 4224, bits=(3, 8)),
+    Rule(1, KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2"), 1056, at_most=True),
+    Rule(2, KernelConfig(mode="fma", block_m=2, block_n=128, num_warps=8, convert="h2"), 1056),
     Rule(16, KernelConfig(mode="dot", block_m=16, block_n=128, num_warps=4, convert="asm", swap_ab=True), 528),
     Rule(32, KernelConfig(mode="dot", block_m=32, block_n=128, num_warps=4, convert="magic16"), 264),
     Rule(64, KernelConfig(mode="dot", block_m=64, block_n=128, num_warps=4, convert="asm"), 264),
@@ -108,7 +110,7 @@ def choose_config(w: GPTQWeight, m: int, table: tuple[Rule, ...] = TABLE) -> Ker
     else:
         bm = min(cfg.block_m, max(16, 1 << (max(m, 1) - 1).bit_length()))
     tiles = (w.n_pad // bn) * -(-m // bm)
-    split = max(1, min(w.num_steps, round(rule.programs / tiles)))
+    split = max(1, min(w.num_steps, (rule.programs // tiles) if rule.at_most else round(rule.programs / tiles)))
     return dataclasses.replace(cfg, block_m=bm, block_n=bn, split_k=split)
 
 

@@ -75,9 +75,6 @@ class KernelConfig:
       buffer; steps_per_iter is then ignored).
     swap_ab: "dot" only: compute the transposed product, W tile^T (BN, K) x x^T (K, BM), so the dequantized
       weight is the dot's first operand (which Hopper's wgmma can take from registers) and x the second.
-    fold_zero: "h2" only, symmetric weights: the unpacking subtracts the zero point too, so the products are
-      (code - zero) * x and the kernel sums no x per group. Fewer instructions, but not always faster (it changes
-      the compiled schedule): the dispatcher sets it where it measured faster (benchmarks/RESULTS.md).
     """
 
     mode: Literal["dot", "fma"] = "dot"
@@ -91,7 +88,6 @@ class KernelConfig:
     evict_first: bool = True
     prefetch: bool = False
     swap_ab: bool = False
-    fold_zero: bool = False
 
     def __post_init__(self):
         if self.mode not in ("dot", "fma"):
@@ -111,8 +107,6 @@ class KernelConfig:
         ok = ("cvt", "magic", "magic16", "asm") if self.mode == "dot" else ("shift", "pos", "h2")
         if self.convert not in ok:
             raise ValueError(f"convert={self.convert!r} is not valid for mode {self.mode!r}: use one of {ok}")
-        if self.fold_zero and self.convert != "h2":
-            raise ValueError(f"fold_zero is for convert='h2' only, got convert={self.convert!r}")
 
 
 def compiler_params(num_warps: int, num_stages: int):
@@ -374,9 +368,11 @@ def _h2_bits16(v: float, dtype) -> int:
 
 
 def _h2_zero(st: _Static) -> int:
-    """The constant that the h2 unpacking subtracts from every code: with `KernelConfig.fold_zero` on symmetric
-    weights, the zero point (the products are then (code - zero) * x and the kernel needs no sum of x), else 0."""
-    return int(zero_point(st.bits)) if st.cfg.fold_zero and not st.has_zeros else 0
+    """The constant that the h2 unpacking subtracts from every code: for symmetric weights the zero point (the
+    products are then (code - zero) * x and the kernel needs no sum of x), else 0 (stored zero points: the x sums
+    of `_h2_xsum_asm`). Folding measured faster or equal for every width at M = 1 and 2 (RESULTS.md, seventeenth
+    session)."""
+    return 0 if st.has_zeros else int(zero_point(st.bits))
 
 
 def _h2_words(st: _Static, tiles) -> tuple[jax.Array, ...]:

@@ -198,17 +198,22 @@ FOLD_CASES = [(2, True, 1, "fp16"), (3, True, 2, "bf16"), (4, True, 1, "bf16"), 
 
 @pytest.mark.parametrize("bits,sym,m,dtype", FOLD_CASES, ids=[f"b{b}-{'sym' if s else 'asym'}-m{m}-{d}"
                                                               for b, s, m, d in FOLD_CASES])
-def test_h2_fold_zero(bits, sym, m, dtype):
-    """KernelConfig.fold_zero: symmetric weights subtract the zero point while unpacking (no sum of x); stored zero
-    points keep the sum of x. Float64 check either way."""
+def test_h2_zero_point(bits, sym, m, dtype):
+    """The h2 path: symmetric weights subtract the zero point while unpacking (no sum of x); stored zero points
+    take the per-group sums of x (`_h2_xsum_asm`). Float64 check either way, and the choice is visible in the
+    unpacking constant."""
     fmt = "gptq" if sym else "gptq_v2"
     t, w64 = make_layer(40 + bits, bits, 576, 96, 64, sym, False, fmt)
     w = prep(t, bits, fmt)
-    cfg = KernelConfig(mode="fma", block_m=m, block_n=64, convert="h2", split_k=2, fold_zero=True)
+    cfg = KernelConfig(mode="fma", block_m=m, block_n=64, convert="h2", split_k=2)
     x = rand_x(bits, m, 576, DTYPES[dtype])
     check(KERNEL(x, w, config=cfg, interpret=INTERPRET, poison=True), x, w64, dtype)
-    with pytest.raises(ValueError, match="fold_zero"):
-        KernelConfig(mode="fma", block_m=1, convert="pos", fold_zero=True)
+    st = G._Static(bits=bits, group_size=64, m=m, k=576, n=96, steps=w.num_steps, splits=2, has_zeros=not sym,
+                   has_bias=False, partial=True, mask_k=True, mask_m=False, mask_n=True, cfg=cfg, h2=True)
+    assert G._h2_zero(st) == (1 << (bits - 1) if sym else 0)
+    asm = G._h2_asm(st, DTYPES[dtype], m)  # two f32 fmas per accumulator set, plus one per group slot for x sums
+    nacc, nslots = len(G._h2_plan(st)), len(G._groups_in_step(st, 0))
+    assert asm.count("fma.rn.f32") == m * (2 * nacc + (0 if sym else nslots))
 
 
 def test_poison_detects_unwritten_tiles():
@@ -281,18 +286,37 @@ def test_dispatch_choices():
             assert w.n_pad % cfg.block_n == 0
             assert cfg.split_k <= w.num_steps
     assert D.choose_config(w, 1) is not None
-    # M = 1: 3- and 8-bit weights take their own rule (narrower column blocks, more programs), 2- and 3-bit ones
-    # fold the zero point into the unpacking, 4-bit ones take the first rule without bits; M = 2 folds it for all
+    # M = 1: 3- and 8-bit weights take their own rule (narrower column blocks, more programs), 2- and 4-bit ones
+    # the first rule without bits
     for bits in (2, 3, 4, 8):
         tb, _ = make_layer(0, bits, 1024, 1024, 128, True, False)
         wb = prep(tb, bits)
         cfg = D.choose_config(wb, 1)
         rule = next(r for r in D.TABLE if r.max_m >= 1 and (r.bits is None or bits in r.bits))
-        assert (bits != 4) == (rule.bits is not None)
+        assert (bits in (3, 8)) == (rule.bits is not None)
         assert cfg.block_n == (64 if bits in (3, 8) else 128) and cfg.convert == "h2"
-        assert cfg.fold_zero == (bits in (2, 3)) and D.choose_config(wb, 2).fold_zero
-        want = max(1, min(wb.num_steps, round(rule.programs / (wb.n_pad // cfg.block_n))))
-        assert cfg.split_k == want
+        tiles = wb.n_pad // cfg.block_n
+        want = max(1, min(wb.num_steps, rule.programs // tiles if rule.at_most else round(rule.programs / tiles)))
+        assert cfg.split_k == want and (not rule.at_most or cfg.split_k == 1 or cfg.split_k * tiles <= rule.programs)
+
+
+def _shape_only_weight(bits: int, k: int, n: int) -> L.GPTQWeight:
+    """A g128 weight of shape (K, N) whose arrays are shapes only (enough for the dispatcher)."""
+    rows = k * bits // 32
+    return L.GPTQWeight((jax.ShapeDtypeStruct((rows, n), jnp.int32),), jax.ShapeDtypeStruct((k // 128, n), jnp.float16),
+                        None, None, bits=bits, group_size=128, in_features=k, out_features=n)
+
+
+# M = 1, 4-bit: the K splits of the one-wave rule (at most 1056 programs of 128 columns) on the shapes it was
+# measured on (RESULTS.md, seventeenth session)
+M1_SPLITS = [(4096, 4096, 32), (4096, 12288, 11), (11008, 4096, 33), (4096, 22016, 6), (8192, 28672, 4),
+             (28672, 8192, 16), (8192, 8192, 16)]
+
+
+@pytest.mark.parametrize("k,n,split", M1_SPLITS, ids=[f"{k}x{n}" for k, n, _ in M1_SPLITS])
+def test_dispatch_m1_one_wave(k, n, split):
+    cfg = D.choose_config(_shape_only_weight(4, k, n), 1)
+    assert (cfg.block_n, cfg.split_k) == (128, split)
 
 
 def test_float32_input_uses_reference():
