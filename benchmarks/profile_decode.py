@@ -1,7 +1,7 @@
 """Where a decode step's time goes: a `jax.profiler` trace of 32 decode steps of a random 4-bit model (fused
 projections), GPU kernels summed by name (per step) and one stretch of the kernel sequence with the gaps.
 
-    python benchmarks/profile_decode.py [--config llama2-7b] [--steps 32] [--no-fuse]
+    python benchmarks/profile_decode.py [--config llama2-7b] [--steps 32] [--no-fuse] [--act-order]
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ def main() -> None:
     ap.add_argument("--config", default="llama2-7b")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--act-order", action="store_true", help="every linear with its own act-order permutation")
     args = ap.parse_args()
-    model = gen.random_model(gen.random_config(args.config), dtype=jnp.float16, bits=4, group_size=128, seed=1)
+    model = gen.random_model(gen.random_config(args.config), dtype=jnp.float16, bits=4, group_size=128, seed=1,
+                             act_order=args.act_order)
     if args.fuse:
         fuse_projections(model)
     prompts = [[5] * 128]

@@ -40,13 +40,19 @@ __all__ = ["Rule", "TABLE", "TABLE_T", "choose_config", "choose_wgmma", "gptq_li
 class Rule:
     """Rows up to max_m use `config` (None: dequantize, then XLA dot), split to about `programs` programs (with
     `at_most`: to the most K splits that stay within `programs`, e.g. one wave); a rule with `bits` applies to
-    weights of those bit widths only (the first matching rule wins)."""
+    weights of those bit widths only, one with `multi_part` True (False) only to weights with (without) several
+    permuted parts (`GPTQWeight.parts`). The first matching rule wins."""
 
     max_m: int
     config: KernelConfig | None
     programs: int = 1056
     bits: tuple[int, ...] | None = None
     at_most: bool = False
+    multi_part: bool | None = None
+
+    def matches(self, w: GPTQWeight, m: int) -> bool:
+        return (m <= self.max_m and (self.bits is None or w.bits in self.bits)
+                and (self.multi_part is None or self.multi_part == bool(w.parts)))
 
 
 # H100 sweeps (4-bit g128, fp16; benchmarks/RESULTS.md). M = 1 targets 2112 programs (2026-11-23, fourth session:
@@ -67,10 +73,15 @@ class Rule:
 # an SM (1056 on the H100) instead of 6, and the 4-bit M = 1 grid does better as one wave (at most 1056 programs,
 # never just over) than as two: 4096x12288 12.9 us vs 14.3, 11008x4096 12.5 vs 13.4, 8192x28672 44.2 vs 46.4,
 # 28672x8192 44.0 vs 46.4, 7B decode 450.3 vs 438.3 tok/s; only 8192x8192 loses (17.5 vs 16.2); one wave rounded
-# up instead (1120 programs) costs 8192x28672 60 us.
+# up instead (1120 programs) costs 8192x28672 60 us. Fused act-order weights with several permuted parts keep two
+# waves: their kernel compiles to 66 registers (7 programs per SM), and one wave costs 2-part 4096x22016 29.9 us vs
+# 25.0, 3-part 4096x12288 18.5 vs 16.5, the act-order 7B decode 373 vs 407 tok/s (why parts cost registers and
+# instructions is not known: a 2-D x with the part as a K offset compiled no better).
+_M1_4BIT = KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2")
 TABLE: tuple[Rule, ...] = (
     Rule(1, KernelConfig(mode="fma", block_m=1, block_n=64, num_warps=4, convert="h2"), 4224, bits=(3, 8)),
-    Rule(1, KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2"), 1056, at_most=True),
+    Rule(1, _M1_4BIT, 2112, multi_part=True),
+    Rule(1, _M1_4BIT, 1056, at_most=True),
     Rule(2, KernelConfig(mode="fma", block_m=2, block_n=128, num_warps=8, convert="h2"), 1056),
     Rule(16, KernelConfig(mode="dot", block_m=16, block_n=128, num_warps=4, convert="asm", swap_ab=True), 528),
     Rule(32, KernelConfig(mode="dot", block_m=32, block_n=128, num_warps=4, convert="magic16"), 264),
@@ -97,7 +108,7 @@ def choose_config_t(m: int, table: tuple[tuple[int, KernelConfigT | None], ...] 
 
 def choose_config(w: GPTQWeight, m: int, table: tuple[Rule, ...] = TABLE) -> KernelConfig | None:
     """Kernel configuration for M rows on weight w (None: dequantize, then XLA dot)."""
-    rule = next(r for r in table if m <= r.max_m and (r.bits is None or w.bits in r.bits))
+    rule = next(r for r in table if r.matches(w, m))
     if rule.config is None:
         return None
     cfg = rule.config

@@ -292,7 +292,7 @@ def test_dispatch_choices():
         tb, _ = make_layer(0, bits, 1024, 1024, 128, True, False)
         wb = prep(tb, bits)
         cfg = D.choose_config(wb, 1)
-        rule = next(r for r in D.TABLE if r.max_m >= 1 and (r.bits is None or bits in r.bits))
+        rule = next(r for r in D.TABLE if r.matches(wb, 1))
         assert (bits in (3, 8)) == (rule.bits is not None)
         assert cfg.block_n == (64 if bits in (3, 8) else 128) and cfg.convert == "h2"
         tiles = wb.n_pad // cfg.block_n
@@ -317,6 +317,16 @@ M1_SPLITS = [(4096, 4096, 32), (4096, 12288, 11), (11008, 4096, 33), (4096, 2201
 def test_dispatch_m1_one_wave(k, n, split):
     cfg = D.choose_config(_shape_only_weight(4, k, n), 1)
     assert (cfg.block_n, cfg.split_k) == (128, split)
+
+
+def test_dispatch_m1_multi_part_two_waves():
+    """Fused act-order weights with several permuted parts keep about 2112 programs at M = 1 (their kernel fits 7
+    programs per SM, not 8); one permutation takes the one-wave rule like a plain weight."""
+    w = _shape_only_weight(4, 4096, 22016)
+    one = dataclasses.replace(w, perm=jax.ShapeDtypeStruct((4096,), jnp.int32))
+    two = dataclasses.replace(w, perm=jax.ShapeDtypeStruct((2, 4096), jnp.int32), parts=(11008, 11008))
+    assert D.choose_config(one, 1).split_k == 6 and D.choose_config(two, 1).split_k == 12
+    assert D.choose_config(two, 2) == D.choose_config(one, 2)  # M = 2: one rule for both
 
 
 def test_float32_input_uses_reference():
