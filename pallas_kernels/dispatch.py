@@ -74,8 +74,8 @@ class Rule:
 # never just over) than as two: 4096x12288 12.9 us vs 14.3, 11008x4096 12.5 vs 13.4, 8192x28672 44.2 vs 46.4,
 # 28672x8192 44.0 vs 46.4, 7B decode 450.3 vs 438.3 tok/s; only 8192x8192 loses (17.5 vs 16.2); one wave rounded
 # up instead (1120 programs) costs 8192x28672 60 us. Fused act-order weights with several permuted parts keep two
-# waves: their kernel compiles to 66 registers (7 programs per SM), and one wave costs 2-part 4096x22016 29.9 us vs
-# 25.0, 3-part 4096x12288 18.5 vs 16.5, the act-order 7B decode 373 vs 407 tok/s (why parts cost registers and
+# waves: their kernel compiles to 66 registers (7 programs per SM), and one wave costs 2-part 4096x22016 30.6 us vs
+# 25.8, 3-part 4096x12288 18.7 vs 16.0, the act-order 7B decode 373 vs 407 tok/s (why parts cost registers and
 # instructions is not known: a 2-D x with the part as a K offset compiled no better).
 _M1_4BIT = KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2")
 TABLE: tuple[Rule, ...] = (
