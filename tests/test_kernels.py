@@ -300,11 +300,11 @@ def test_dispatch_choices():
         assert cfg.split_k == want and (not rule.at_most or cfg.split_k == 1 or cfg.split_k * tiles <= rule.programs)
 
 
-def _shape_only_weight(bits: int, k: int, n: int) -> L.GPTQWeight:
-    """A g128 weight of shape (K, N) whose arrays are shapes only (enough for the dispatcher)."""
-    rows = k * bits // 32
-    return L.GPTQWeight((jax.ShapeDtypeStruct((rows, n), jnp.int32),), jax.ShapeDtypeStruct((k // 128, n), jnp.float16),
-                        None, None, bits=bits, group_size=128, in_features=k, out_features=n)
+def shaped_weight(k: int, n: int) -> L.GPTQWeight:
+    """A 4-bit g128 weight of shape (k, n) with abstract arrays: enough for the dispatcher, which reads shapes."""
+    sds = jax.ShapeDtypeStruct
+    return L.GPTQWeight(planes=(sds((k // 8, n), jnp.int32),), scales=sds((k // 128, n), jnp.float16), zeros=None,
+                        perm=None, bits=4, group_size=128, in_features=k, out_features=n)
 
 
 # M = 1, 4-bit: the K splits of the one-wave rule (at most 1056 programs of 128 columns) on the shapes it was
@@ -315,14 +315,14 @@ M1_SPLITS = [(4096, 4096, 32), (4096, 12288, 11), (11008, 4096, 33), (4096, 2201
 
 @pytest.mark.parametrize("k,n,split", M1_SPLITS, ids=[f"{k}x{n}" for k, n, _ in M1_SPLITS])
 def test_dispatch_m1_one_wave(k, n, split):
-    cfg = D.choose_config(_shape_only_weight(4, k, n), 1)
+    cfg = D.choose_config(shaped_weight(k, n), 1)
     assert (cfg.block_n, cfg.split_k) == (128, split)
 
 
 def test_dispatch_m1_multi_part_two_waves():
     """Fused act-order weights with several permuted parts keep about 2112 programs at M = 1 (their kernel fits 7
     programs per SM, not 8); one permutation takes the one-wave rule like a plain weight."""
-    w = _shape_only_weight(4, 4096, 22016)
+    w = shaped_weight(4096, 22016)
     one = dataclasses.replace(w, perm=jax.ShapeDtypeStruct((4096,), jnp.int32))
     two = dataclasses.replace(w, perm=jax.ShapeDtypeStruct((2, 4096), jnp.int32), parts=(11008, 11008))
     assert D.choose_config(one, 1).split_k == 6 and D.choose_config(two, 1).split_k == 12

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import dispatch as D
-from pallas_kernels import gptq_layout as L
 from pallas_kernels import matmul_wgmma as W
-from tests.test_kernels import check, fused_act_order_weight, kernel_calls_in_lowering, make_layer, prep, rand_x
+from tests.test_kernels import (check, fused_act_order_weight, kernel_calls_in_lowering, make_layer, prep, rand_x,
+                                shaped_weight)
 
 HOPPER = D._hopper()
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="compiled wgmma kernel: Hopper GPU only (CPU: mapping + lowering)")
@@ -156,13 +156,6 @@ def test_identical_calls_share_one_lowering():
     calls = kernel_calls_in_lowering(lambda v, ww: [W.gptq_matmul_wgmma(v + i, ww, config=cfg) for i in range(3)],
                                      x, w)
     assert len(calls) == 1 and calls[0].startswith("mosaic_gpu")
-
-
-def shaped_weight(k: int, n: int) -> L.GPTQWeight:
-    """A 4-bit g128 weight of shape (k, n) with abstract arrays: enough for the dispatcher, which reads shapes."""
-    sds = jax.ShapeDtypeStruct
-    return L.GPTQWeight(planes=(sds((k // 8, n), jnp.int32),), scales=sds((k // 128, n), jnp.float16), zeros=None,
-                        perm=None, bits=4, group_size=128, in_features=k, out_features=n)
 
 
 def test_dispatch_choice_below_65_rows_on_large_narrow_weights():
