@@ -76,6 +76,11 @@ class KernelConfig:
       buffer; steps_per_iter is then ignored).
     swap_ab: "dot" only: compute the transposed product, W tile^T (BN, K) x x^T (K, BM), so the dequantized
       weight is the dot's first operand (which Hopper's wgmma can take from registers) and x the second.
+    h2_words: "h2" only: each K step's word tiles are loaded as h2_words row slices, and one PTX call takes a word
+      of each (the same column, h2_words word rows) and sums all their products in the same half2 lanes before
+      they become f32: fewer conversions and f32 fmas per word, and 1/h2_words the accumulator registers
+      (`_h2_asm`). A power of two up to 16. bf16 (8-bit mantissa) lanes take at most 16 products, so bf16 runs
+      with fewer words where needed (`_h2_words_for`).
     """
 
     mode: Literal["dot", "fma"] = "dot"
@@ -89,6 +94,7 @@ class KernelConfig:
     evict_first: bool = True
     prefetch: bool = False
     swap_ab: bool = False
+    h2_words: int = 1
 
     def __post_init__(self):
         if self.mode not in ("dot", "fma"):
@@ -103,6 +109,10 @@ class KernelConfig:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
         if self.swap_ab and self.mode != "dot":
             raise ValueError("swap_ab is for dot mode only")
+        if self.h2_words not in (1, 2, 4, 8, 16):
+            raise ValueError(f"h2_words must be a power of two from 1 to 16, got {self.h2_words}")
+        if self.h2_words > 1 and self.convert != "h2":
+            raise ValueError("h2_words is for convert='h2' only")
         if self.steps_per_iter < 1:
             raise ValueError(f"steps_per_iter must be >= 1, got {self.steps_per_iter}")
         ok = ("cvt", "magic", "magic16", "asm") if self.mode == "dot" else ("shift", "pos", "h2")
@@ -139,6 +149,7 @@ class _Static:
     interpret: bool = False
     h2: bool = False  # fma mode through _h2_asm (codes scaled by 2^-h2_exp as they are unpacked)
     h2_exp: int = 0
+    h2_words: int = 1  # word rows per h2 PTX call (`_h2_words_for`); 1 outside h2
     part_starts: tuple[int, ...] = ()  # first column of parts 1.. (x is stacked per part: (P, M, K))
 
 
@@ -331,13 +342,23 @@ def _code_fma(st: _Static, tiles, j: int) -> tuple[jax.Array, float]:
 # "h2": the M = 1 fma path in packed half2 arithmetic
 
 
-def _h2_exp(bits: int, dtype) -> int:
+def _h2_exp(bits: int, dtype, words: int = 1) -> int:
     """fp16: the unpacked codes are scaled by 2^-e (exactly, in the unpacking's fma) so that a half2 lane's sum of
-    32/bits/2 products code * x can never overflow (|x| <= 65504; 4 bits: 4 products of codes <= 15, e = 6); the
-    scales are multiplied by 2^e. bf16 has fp32's range: e = 0."""
+    words * 32/bits/2 products code * x can never overflow (|x| <= 65504; 4 bits, one word: 4 products of codes
+    <= 15, e = 6); the scales are multiplied by 2^e. bf16 has fp32's range: e = 0."""
     if dtype != jnp.float16:
         return 0
-    return int(np.ceil(np.log2(_h2_half(bits) * ((1 << bits) - 1))))
+    return int(np.ceil(np.log2(words * _h2_half(bits) * ((1 << bits) - 1))))
+
+
+def _h2_words_for(words: int, bits: int, dtype) -> int:
+    """The h2_words a kernel runs with: as configured for fp16; bf16 lane sums, whose roundings are 8 times
+    coarser, hold at most 16 products (words * 32/bits/2; 3 bits: 16 per word position), e.g. 4 words at 4 bits
+    and 1 at 3 bits. On the CPU twin, bf16 3-bit weights at K = 4096 had errors of 3.3e-3 / 5.0e-3 / 9.7e-3 of
+    the output scale with 1 / 2 / 4 words, fp16 4.9e-4 / 9.1e-4 / 8.4e-4."""
+    if dtype == jnp.float16:
+        return words
+    return max(1, min(words, 16 // _h2_half(bits)))
 
 
 def _h2_plan(st: _Static) -> list[tuple[list[int], int, int]]:
@@ -377,9 +398,12 @@ def _h2_zero(st: _Static) -> int:
 
 
 def _h2_words(st: _Static, tiles) -> tuple[jax.Array, ...]:
-    """The int32 word tiles (SUB, BN) one K step's h2 products read: (plane,), or bits 3: (lo rows 0-15, lo rows
-    16-31, hi)."""
-    return (tiles[0][0], tiles[0][1], tiles[1][0]) if st.bits == 3 else (tiles[0][0],)
+    """The int32 word tiles (SUB/C, BN) one K step's h2 products read, C = h2_words row slices (`load_tiles`:
+    tiles[plane][offset * C + slice]): per slice c, (plane,), or bits 3: (lo rows 0-15, lo rows 16-31, hi)."""
+    c_n = st.h2_words
+    if st.bits == 3:
+        return tuple(t for c in range(c_n) for t in (tiles[0][c], tiles[0][c_n + c], tiles[1][c]))
+    return tuple(tiles[0][:c_n])
 
 
 def _h2_cvt(acc: str, dtype) -> list[str]:
@@ -393,19 +417,20 @@ _H2_REGS = [".reg .b32 t, q, v, l<2>, s<2>;", ".reg .b16 h0, h1;", ".reg .f32 f0
 
 
 def _h2_asm(st: _Static, dtype, rows: int) -> str:
-    """PTX for one word position of a K step. Operands: per row the f32 accumulator out; then the int32 word w
-    (bits 3: the words lo0, lo1, hi), per x row the packed x pairs (x_j, x_{j+half}) as raw 16-bit values, per
-    group slot s' = s * 2^e (f32), unless the zero point is folded per slot -s' * z and per row and slot the
-    scaled x sums of `_h2_xsum_asm`, and per row the accumulator in. Per row:
+    """PTX for C = h2_words word positions of a K step (C word rows of one column). Operands: per row the f32
+    accumulator out; then per position c the int32 word w (bits 3: the words lo0, lo1, hi), per x row and
+    position the packed x pairs (x_j, x_{j+half}) as raw 16-bit values, per group slot s' = s * 2^e (f32),
+    unless the zero point is folded per slot -s' * z and per row and slot the scaled x sums of `_h2_xsum_asm`,
+    and per row the accumulator in. Per row:
 
-        acc + sum over slots g: s'_g * sum_{j in g} q_j x_j  [- s'_g z_g xs_g],   q_j = (code_j - zero) * 2^-e
+        acc + sum over slots g: s'_g * sum_c sum_{j in g} q_cj x_cj  [- s'_g z_g xs_g],   q = (code - zero) * 2^-e
 
     with zero = `_h2_zero` and e = `_h2_exp`. The codes are unpacked once for all rows. Per pair: one lop3 puts
     fields j and j + P/2 into the mantissas of a half2 (magic + code * 2^p), one fma removes the magic, the 2^p
     and the zero and applies the 2^-e, exactly (q is a small integer times a power of two); a field that would not
     fit the mantissa comes from a shifted copy of the word (one shift serves the following fields). Then one fma
-    per row multiply-adds q with the x pair into the half2 lane sums of its accumulator set (`_h2_plan`), which
-    round to fp16/bf16; each set's two lanes become f32 and are multiply-added with their slots' scales (two f32
+    per row multiply-adds q with the x pair into the half2 lane sums of its accumulator set (`_h2_plan`; the C
+    positions share the sets), which round to fp16/bf16; each set's two lanes become f32 and are multiply-added with their slots' scales (two f32
     fmas), so the sums over words and K steps accumulate in f32. Bits 3: pair j takes its two low bits from
     field j // 2 of lo word j % 2 and its high bit from bit j of the hi word, shifted once per lo word to sit just
     above the field; two lop3s assemble magic + code * 2^p in both lanes (shifted copies of both words once p
@@ -413,7 +438,8 @@ def _h2_asm(st: _Static, dtype, rows: int) -> str:
     """
     bits = st.bits
     half = _h2_half(bits)
-    nw = 3 if bits == 3 else 1  # word operands
+    nw = 3 if bits == 3 else 1  # word operands per position
+    cn = st.h2_words
     mant = 10 if dtype == jnp.float16 else 7
     magic = 1024.0 if dtype == jnp.float16 else 128.0
     sfx = "f16x2" if dtype == jnp.float16 else "bf16x2"
@@ -423,9 +449,9 @@ def _h2_asm(st: _Static, dtype, rows: int) -> str:
     plan = _h2_plan(st)
     nacc = len(plan)
     nslots = len(_groups_in_step(st, 0))
-    w_arg = rows
-    x_args = [[w_arg + nw + i * half + j for j in range(half)] for i in range(rows)]  # [row][pair]
-    s_arg = w_arg + nw + rows * half
+    x0 = rows + cn * nw
+    x_args = [[[x0 + (i * cn + c) * half + j for j in range(half)] for c in range(cn)] for i in range(rows)]
+    s_arg = x0 + rows * cn * half
     nsz_arg = s_arg + nslots
     xs_args = [[nsz_arg + nslots + i * nslots + g for g in range(nslots)] for i in range(rows)]
     acc_arg = s_arg + nslots + (0 if zero else nslots + rows * nslots)
@@ -435,13 +461,15 @@ def _h2_asm(st: _Static, dtype, rows: int) -> str:
     def const(v: int) -> str:
         return consts.setdefault(v, f"k{len(consts)}")
 
-    base = 0
-    base3 = [0, 0]  # bits 3: shift of the current copies of lo word h and of the hi word
-    src = f"${w_arg}"
     first = [True] * len(plan)
     set_of = {j: i for i, (js, _, _) in enumerate(plan) for j in js}
     mg = _h2_bits16(magic, dtype)
-    for j in range(half):
+    for c, j in ((c, j) for c in range(cn) for j in range(half)):
+        w_arg = rows + c * nw
+        if j == 0:
+            base = 0
+            base3 = [0, 0]  # bits 3: shift of the current copies of lo word h and of the hi word
+            src = f"${w_arg}"
         if bits == 3:  # code = lo field (2 bits) | hi bit << 2, assembled in place (code * 2^p) in each lane
             h, f = j % 2, j // 2
             if j < 2:  # the hi bits of this lo word's pairs, moved next to their lo fields (bit 2f + 2)
@@ -470,9 +498,9 @@ def _h2_asm(st: _Static, dtype, rows: int) -> str:
         for i in range(rows):
             acc = f"a{i * nacc + a}"
             if first[a]:
-                body.append(f"mul.rn.{sfx} {acc}, q, ${x_args[i][j]};")
+                body.append(f"mul.rn.{sfx} {acc}, q, ${x_args[i][c][j]};")
             else:
-                body.append(f"fma.rn.{sfx} {acc}, q, ${x_args[i][j]}, {acc};")
+                body.append(f"fma.rn.{sfx} {acc}, q, ${x_args[i][c][j]}, {acc};")
         first[a] = False
     # the outputs are written last: an output may share a register with an input (no early clobber)
     for i in range(rows):
@@ -492,18 +520,19 @@ def _h2_asm(st: _Static, dtype, rows: int) -> str:
 
 
 def _h2_xsum_asm(st: _Static, dtype, rows: int) -> str:
-    """PTX: per x row the packed x pairs (x_j, x_{j+half}) -> per row and group slot the f32 sum of its x values
-    times 2^-e, for the zero-point term of `_h2_asm` (exact conversions, f32 additions: a half2 sum loses too much
-    in bf16). Operands: outputs [row][slot], then the pairs [row][pair]."""
+    """PTX: per x row the packed x pairs (x_j, x_{j+half}) of the C = h2_words positions -> per row and group slot
+    the f32 sum of its x values times 2^-e, for the zero-point term of `_h2_asm` (exact conversions, f32
+    additions: a half2 sum loses too much in bf16). Operands: outputs [row][slot], then the pairs [row][c][pair]."""
     half = _h2_half(st.bits)
+    cn = st.h2_words
     nslots = len(_groups_in_step(st, 0))
     x0 = rows * nslots
     body = []
     for i in range(rows):
         done = [False] * nslots
-        for js, lo, hi in _h2_plan(st):
+        for c, (js, lo, hi) in ((c, p) for c in range(cn) for p in _h2_plan(st)):
             for j in js:
-                body += _h2_cvt(f"${x0 + i * half + j}", dtype)
+                body += _h2_cvt(f"${x0 + (i * cn + c) * half + j}", dtype)
                 for g, f in ((lo, "f0"), (hi, "f1")):
                     out = f"r{i * nslots + g}"
                     body.append(f"add.f32 {out}, {out}, {f};" if done[g] else f"mov.f32 {out}, {f};")
@@ -537,15 +566,18 @@ def _h2_lanes(pair: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
 
 
 def _h2_emulate(st: _Static, dtype, words, xpairs, scales, nsz, xs, acc) -> jax.Array:
-    """jnp twin of `_h2_asm` for one row (the interpreter cannot run PTX): the same lanes, sets and roundings."""
+    """jnp twin of `_h2_asm` for one row (the interpreter cannot run PTX): the same lanes, sets, order and
+    roundings. words[c * nw + w], xpairs[c * half + j]."""
     half = _h2_half(st.bits)
+    nw = 3 if st.bits == 3 else 1
     zero, down = _h2_zero(st), 2.0 ** -st.h2_exp
     plan = _h2_plan(st)
     set_of = {j: i for i, (js, _, _) in enumerate(plan) for j in js}
     sums: list = [None] * len(plan)
-    for j in range(half):
-        xlo, xhi = _h2_lanes(xpairs[j], dtype)
-        qlo, qhi = (((c - zero).astype(jnp.float32) * down).astype(dtype) for c in _h2_codes(st.bits, words, j))
+    for c, j in ((c, j) for c in range(st.h2_words) for j in range(half)):
+        xlo, xhi = _h2_lanes(xpairs[c * half + j], dtype)
+        codes = _h2_codes(st.bits, words[c * nw:(c + 1) * nw], j)
+        qlo, qhi = (((v - zero).astype(jnp.float32) * down).astype(dtype) for v in codes)
         prod = ((qlo * xlo), (qhi * xhi))
         a = set_of[j]
         sums[a] = prod if sums[a] is None else (sums[a][0] + prod[0], sums[a][1] + prod[1])
@@ -558,18 +590,20 @@ def _h2_emulate(st: _Static, dtype, words, xpairs, scales, nsz, xs, acc) -> jax.
 
 
 def _h2_xsum_emulate(st: _Static, dtype, xpairs: list[jax.Array]) -> list[jax.Array]:
-    """jnp twin of `_h2_xsum_asm` for one row."""
+    """jnp twin of `_h2_xsum_asm` for one row (xpairs[c * half + j])."""
+    half = _h2_half(st.bits)
     out: list = [None] * len(_groups_in_step(st, 0))
-    for js, lo, hi in _h2_plan(st):
+    for c, (js, lo, hi) in ((c, p) for c in range(st.h2_words) for p in _h2_plan(st)):
         for j in js:
-            for g, v in zip((lo, hi), _h2_lanes(xpairs[j], dtype)):
+            for g, v in zip((lo, hi), _h2_lanes(xpairs[c * half + j], dtype)):
                 v = v.astype(jnp.float32)
                 out[g] = v if out[g] is None else out[g] + v
     return [v * 2.0 ** -st.h2_exp for v in out]
 
 
 def _h2_xsums(st: _Static, dtype, xpairs: list[list[jax.Array]]) -> list[list[jax.Array]]:
-    """xpairs[row][pair] (SUB,) int32 -> [row][group slot] (SUB,) f32 sums of x * 2^-e (`_h2_xsum_asm`)."""
+    """xpairs[row][c * half + pair] (SUB/C,) int32 -> [row][group slot] (SUB/C,) f32 sums of x * 2^-e over the C
+    positions (`_h2_xsum_asm`)."""
     if st.interpret:
         return [_h2_xsum_emulate(st, dtype, xp) for xp in xpairs]
     rows, nslots = len(xpairs), len(_groups_in_step(st, 0))
@@ -586,9 +620,9 @@ def _h2_xsums(st: _Static, dtype, xpairs: list[list[jax.Array]]) -> list[list[ja
 def _h2_accumulate(st: _Static, dtype, words: tuple[jax.Array, ...], xpairs: list[list[jax.Array]],
                    scales: list[jax.Array], nsz: list[jax.Array], xs: list[list[jax.Array]],
                    accs: list[jax.Array]) -> list[jax.Array]:
-    """One K step of the h2 path (`_h2_asm`), every operand a (SUB, BN) tile: words (`_h2_words`), xpairs[row][pair],
-    scales[slot] (s * 2^e), nsz[slot] (-s * 2^e * z; empty with the zero folded), xs[row][slot] (`_h2_xsums`; empty
-    likewise), accs[row] f32 -> the updated accs."""
+    """One K step of the h2 path (`_h2_asm`), every operand a (SUB/C, BN) tile (C = h2_words): words
+    (`_h2_words`), xpairs[row][c * half + pair], scales[slot] (s * 2^e), nsz[slot] (-s * 2^e * z; empty with the
+    zero folded), xs[row][slot] (`_h2_xsums`; empty likewise), accs[row] f32 -> the updated accs."""
     if st.interpret:
         return [_h2_emulate(st, dtype, words, xp, scales, nsz, x, a)
                 for xp, x, a in zip(xpairs, xs or [[]] * len(accs), accs)]
@@ -639,11 +673,15 @@ def _kernel(*refs, st: _Static):
     else:
         plane_rows = [(sub, (0,), sub)]
 
+    cuts = st.h2_words  # row slices per tile (h2: one PTX call takes a word of each)
+
     def load_tiles(t):
+        """[plane][offset * cuts + slice] int32 tiles (tile rows / cuts, BN) of step t."""
         tiles = []
         for p_ref, (rows, offs, trows) in zip(plane_refs, plane_rows):
             base = t * rows
-            idxs = [(pl.ds(base + o, trows), pl.ds(n0, bn)) for o in offs]
+            r = trows // cuts
+            idxs = [(pl.ds(base + o + c * r, r), pl.ds(n0, bn)) for o in offs for c in range(cuts)]
             if cfg.evict_first and not st.interpret:
                 tiles.append([plgpu.load(p_ref.at[i], eviction_policy="evict_first") for i in idxs])
             else:
@@ -742,19 +780,23 @@ def _kernel(*refs, st: _Static):
         # needs no reduction inside the loop.
         xcast = (lambda v: v) if st.h2 else (lambda v: v.astype(jnp.float32))  # h2 packs x's 16-bit values
 
+        rsub = sub // cuts
+
         def load_xrow(m, kk):
-            idx = (part, m, pl.ds(kk, sub))
+            idx = (part, m, pl.ds(kk, rsub))
             if not (st.mask_m or st.mask_k):
                 return xcast(x_ref[idx])
-            mask = jnp.ones((sub,), jnp.bool_)
+            mask = jnp.ones((rsub,), jnp.bool_)
             if st.mask_m:
                 mask = mask & (m < st.m)
             if st.mask_k:
-                mask = mask & ((kk + jax.lax.broadcasted_iota(jnp.int32, (sub,), 0)) < st.k)
+                mask = mask & ((kk + jax.lax.broadcasted_iota(jnp.int32, (rsub,), 0)) < st.k)
             return xcast(plgpu.load(x_ref.at[idx], mask=mask, other=0))
 
         def load_step(t):
-            xrows = [[load_xrow(m0 + i, t * step + c[0]) for c in _subchunks(bits)] for i in range(bm)]
+            # x per row: [slice c][sub-chunk j] as (SUB/C,) vectors, flattened c-major
+            xrows = [[load_xrow(m0 + i, t * step + ch[0] + c * rsub) for c in range(cuts) for ch in _subchunks(bits)]
+                     for i in range(bm)]
             return load_tiles(t), xrows
 
         def body(t, loaded, accs):
@@ -779,24 +821,26 @@ def _kernel(*refs, st: _Static):
             # multiply-adds the scaled half2 sums into the f32 accumulators
             tiles, xrows = loaded
             half = _h2_half(bits)
+            nsub = len(_subchunks(bits))
             groups = _groups_in_step(st, t)
             up = 2.0**st.h2_exp
             scales, nsz = [], []
             for g, _ in groups:
                 s, z = load_scale_zero(g)
-                scales.append(jnp.broadcast_to((s * up)[None, :], (sub, bn)))
+                scales.append(jnp.broadcast_to((s * up)[None, :], (rsub, bn)))
                 if not _h2_zero(st):
-                    nsz.append(jnp.broadcast_to((s * (z * -up))[None, :], (sub, bn)))
-            packed = []
+                    nsz.append(jnp.broadcast_to((s * (z * -up))[None, :], (rsub, bn)))
+            packed = []  # [row][c * half + pair]
             for xr in xrows:
                 b16 = [jax.lax.bitcast_convert_type(v, jnp.int16).astype(jnp.int32) & 0xFFFF for v in xr]
-                packed.append([b16[j] | (b16[j + half] << 16) for j in range(half)])
-            tile = lambda v: jnp.broadcast_to(v[:, None], (sub, bn))  # noqa: E731
+                packed.append([b16[c * nsub + j] | (b16[c * nsub + j + half] << 16)
+                               for c in range(cuts) for j in range(half)])
+            tile = lambda v: jnp.broadcast_to(v[:, None], (rsub, bn))  # noqa: E731
             xs = [] if _h2_zero(st) else [[tile(v) for v in r] for r in _h2_xsums(st, x_ref.dtype, packed)]
             pairs = [[tile(v) for v in r] for r in packed]
             return tuple(_h2_accumulate(st, x_ref.dtype, _h2_words(st, tiles), pairs, scales, nsz, xs, list(accs)))
 
-        init = tuple(jnp.zeros((sub, bn), jnp.float32) for _ in range(bm))
+        init = tuple(jnp.zeros((rsub, bn), jnp.float32) for _ in range(bm))
         accs = run_steps(load_step, body_h2 if st.h2 else body, init)
         out_rows = [(jnp.sum(a, axis=0), i) for i, a in enumerate(accs)]
 
@@ -888,7 +932,8 @@ def gptq_matmul(
 
     h2 = cfg.mode == "fma" and cfg.convert == "h2" and _h2_ok(w.bits, x.dtype)
     h2 = h2 and (interpret or _inline_asm_multi is not None)
-    h2_exp = _h2_exp(w.bits, x.dtype) if h2 else 0
+    h2_words = _h2_words_for(cfg.h2_words, w.bits, x.dtype) if h2 else 1
+    h2_exp = _h2_exp(w.bits, x.dtype, h2_words) if h2 else 0
     if w.perm is not None:  # act-order: kernel row i is feature perm[i]; the gather and the K pad fuse
         x = jnp.take(x, w.perm, axis=1)  # (M, K), or (M, P, K) for a multi-permutation weight
         x = jnp.moveaxis(x, 1, 0) if w.parts else x[None]
@@ -923,6 +968,7 @@ def gptq_matmul(
         interpret=interpret,
         h2=h2,
         h2_exp=h2_exp,
+        h2_words=h2_words,
         part_starts=starts,
     )
     args = [x, *weight_operands(w)]
