@@ -41,7 +41,8 @@ class Rule:
     """Rows up to max_m use `config` (None: dequantize, then XLA dot), split to about `programs` programs (with
     `at_most`: to the most K splits that stay within `programs`, e.g. one wave); a rule with `bits` applies to
     weights of those bit widths only, one with `multi_part` True (False) only to weights with (without) several
-    permuted parts (`GPTQWeight.parts`). The first matching rule wins."""
+    permuted parts (`GPTQWeight.parts`), one with `max_elements` only to weights of at most that many K x N
+    elements. The first matching rule wins."""
 
     max_m: int
     config: KernelConfig | None
@@ -49,10 +50,12 @@ class Rule:
     bits: tuple[int, ...] | None = None
     at_most: bool = False
     multi_part: bool | None = None
+    max_elements: int | None = None
 
     def matches(self, w: GPTQWeight, m: int) -> bool:
         return (m <= self.max_m and (self.bits is None or w.bits in self.bits)
-                and (self.multi_part is None or self.multi_part == bool(w.parts)))
+                and (self.multi_part is None or self.multi_part == bool(w.parts))
+                and (self.max_elements is None or w.in_features * w.out_features <= self.max_elements))
 
 
 # H100 sweeps (4-bit g128, fp16; benchmarks/RESULTS.md). M = 1 targets 2112 programs (2026-11-23, fourth session:
@@ -76,13 +79,25 @@ class Rule:
 # up instead (1120 programs) costs 8192x28672 60 us. Fused act-order weights with several permuted parts keep two
 # waves: their kernel compiles to 66 registers (7 programs per SM), and one wave costs 2-part 4096x22016 30.6 us vs
 # 25.8, 3-part 4096x12288 18.7 vs 16.0, the act-order 7B decode 373 vs 407 tok/s (why parts cost registers and
-# instructions is not known: a 2-D x with the part as a K offset compiled no better).
+# instructions is not known: a 2-D x with the part as a K offset compiled no better). h2_words (nineteenth session,
+# 2026-11-24, device time, C = 1 -> C): summing C word rows in the same half2 lanes before the fp32 conversion saves
+# most at M = 1 4-bit up to 2^27 elements with C = 2 (4096x12288 12.85 -> 12.10 us, 4096x22016 20.78 -> 19.54,
+# 11008x4096 12.40 -> 11.87, 8192x8192 17.59 -> 15.96) and with C = 4 at 4096x4096 (6.42 -> 5.97) and on
+# multi-part weights (3 parts 4096x12288 16.23 -> 14.84, 2 parts 4096x22016 25.81 -> 20.98); 8192x28672 and
+# 28672x8192 lose with any C (43.98 -> 48.08 at C = 2). M = 2: C = 2 on every shape (8192x28672 61.17 -> 52.40).
+# 3-bit: C = 2 beyond 2^24 elements (28672x8192 43.88 -> 41.00; 4096x4096 6.27 -> 6.47 loses). 8-bit keeps C = 1
+# (C = 2 wins 8192x28672 by 3.3 us but loses 28672x8192 by 6.4).
 _M1_4BIT = KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2")
+_M1_NARROW = KernelConfig(mode="fma", block_m=1, block_n=64, num_warps=4, convert="h2")
 TABLE: tuple[Rule, ...] = (
-    Rule(1, KernelConfig(mode="fma", block_m=1, block_n=64, num_warps=4, convert="h2"), 4224, bits=(3, 8)),
-    Rule(1, _M1_4BIT, 2112, multi_part=True),
+    Rule(1, _M1_NARROW, 4224, bits=(3,), max_elements=1 << 24),
+    Rule(1, dataclasses.replace(_M1_NARROW, h2_words=2), 4224, bits=(3,)),
+    Rule(1, _M1_NARROW, 4224, bits=(8,)),
+    Rule(1, dataclasses.replace(_M1_4BIT, h2_words=4), 2112, multi_part=True),
+    Rule(1, dataclasses.replace(_M1_4BIT, h2_words=4), 1056, at_most=True, max_elements=1 << 24),
+    Rule(1, dataclasses.replace(_M1_4BIT, h2_words=2), 1056, at_most=True, max_elements=1 << 27),
     Rule(1, _M1_4BIT, 1056, at_most=True),
-    Rule(2, KernelConfig(mode="fma", block_m=2, block_n=128, num_warps=8, convert="h2"), 1056),
+    Rule(2, KernelConfig(mode="fma", block_m=2, block_n=128, num_warps=8, convert="h2", h2_words=2), 1056),
     Rule(16, KernelConfig(mode="dot", block_m=16, block_n=128, num_warps=4, convert="asm", swap_ab=True), 528),
     Rule(32, KernelConfig(mode="dot", block_m=32, block_n=128, num_warps=4, convert="magic16"), 264),
     Rule(64, KernelConfig(mode="dot", block_m=64, block_n=128, num_warps=4, convert="asm"), 264),

@@ -216,6 +216,39 @@ def test_h2_zero_point(bits, sym, m, dtype):
     assert asm.count("fma.rn.f32") == m * (2 * nacc + (0 if sym else nslots))
 
 
+WORDS_CASES = [(4, True, 1, "fp16", 4), (4, True, 1, "bf16", 4), (4, False, 2, "fp16", 2), (3, True, 1, "fp16", 4),
+               (3, False, 1, "bf16", 2), (2, True, 2, "fp16", 8), (8, True, 1, "fp16", 4), (8, False, 1, "fp16", 16)]
+
+
+@pytest.mark.parametrize("bits,sym,m,dtype,words", WORDS_CASES,
+                         ids=[f"b{b}-{'sym' if s else 'asym'}-m{m}-{d}-w{c}" for b, s, m, d, c in WORDS_CASES])
+def test_h2_words(bits, sym, m, dtype, words):
+    """h2_words: one PTX call sums the products of `words` word rows in the same half2 lanes. Float64 check (K
+    with a masked tail, N with a masked tile, groups of 64 so a step holds several group slots), and the f32
+    work per call is that of one word: the lane sums become f32 once for all the words. bf16 lanes take at most 16
+    products: fewer words where more are configured."""
+    fmt = "gptq" if sym else "gptq_v2"
+    t, w64 = make_layer(60 + bits + words, bits, 576, 96, 64, sym, False, fmt)
+    w = prep(t, bits, fmt)
+    cfg = KernelConfig(mode="fma", block_m=m, block_n=64, convert="h2", split_k=2, h2_words=words)
+    x = rand_x(bits + words, m, 576, DTYPES[dtype])
+    check(KERNEL(x, w, config=cfg, interpret=INTERPRET, poison=True), x, w64, dtype)
+    eff = G._h2_words_for(words, bits, DTYPES[dtype])
+    assert eff == (words if dtype == "fp16" else min(words, 16 // G._h2_half(bits)))
+    assert dtype == "fp16" or (bits, words, eff) in ((4, 4, 4), (3, 2, 1))
+    st = G._Static(bits=bits, group_size=64, m=m, k=576, n=96, steps=w.num_steps, splits=2, has_zeros=not sym,
+                   has_bias=False, partial=True, mask_k=True, mask_m=False, mask_n=True, cfg=cfg, h2=True,
+                   h2_exp=G._h2_exp(bits, DTYPES[dtype], eff), h2_words=eff)
+    asm = G._h2_asm(st, DTYPES[dtype], m)
+    nacc, nslots = len(G._h2_plan(st)), len(G._groups_in_step(st, 0))
+    assert asm.count("fma.rn.f32") == m * (2 * nacc + (0 if sym else nslots))
+    nw = 3 if bits == 3 else 1
+    assert asm.count("lop3.b32") == eff * G._h2_half(bits) * (2 if bits == 3 else 1)  # every word unpacked
+    assert f"${m + eff * nw - 1}," in asm  # the last word operand is read
+    if dtype == "fp16":  # lanes sum words times as many products: 2^-e scaled down that much further
+        assert G._h2_exp(bits, jnp.float16, words) == G._h2_exp(bits, jnp.float16) + int(np.log2(words))
+
+
 def test_poison_detects_unwritten_tiles():
     """The poison check can fail: a kernel whose grid skips the last N tile leaves NaN there."""
     t, w64 = make_layer(5, 4, 256, 256, 128, True, False)
@@ -300,32 +333,46 @@ def test_dispatch_choices():
         assert cfg.split_k == want and (not rule.at_most or cfg.split_k == 1 or cfg.split_k * tiles <= rule.programs)
 
 
-def shaped_weight(k: int, n: int) -> L.GPTQWeight:
-    """A 4-bit g128 weight of shape (k, n) with abstract arrays: enough for the dispatcher, which reads shapes."""
+def shaped_weight(k: int, n: int, bits: int = 4) -> L.GPTQWeight:
+    """A g128 weight of shape (k, n) with abstract arrays: enough for the dispatcher, which reads shapes."""
     sds = jax.ShapeDtypeStruct
-    return L.GPTQWeight(planes=(sds((k // 8, n), jnp.int32),), scales=sds((k // 128, n), jnp.float16), zeros=None,
-                        perm=None, bits=4, group_size=128, in_features=k, out_features=n)
+    rows, planes = (k // 16, 2) if bits == 3 else (k * bits // 32, 1)
+    return L.GPTQWeight(planes=(sds((rows, n), jnp.int32),) * planes, scales=sds((k // 128, n), jnp.float16),
+                        zeros=None, perm=None, bits=bits, group_size=128, in_features=k, out_features=n)
 
 
-# M = 1, 4-bit: the K splits of the one-wave rule (at most 1056 programs of 128 columns) on the shapes it was
-# measured on (RESULTS.md, seventeenth session)
-M1_SPLITS = [(4096, 4096, 32), (4096, 12288, 11), (11008, 4096, 33), (4096, 22016, 6), (8192, 28672, 4),
-             (28672, 8192, 16), (8192, 8192, 16)]
+# M = 1, 4-bit: the K splits of the one-wave rule (at most 1056 programs of 128 columns) and the word rows summed
+# in half2 lanes (h2_words) on the shapes they were measured on (RESULTS.md, seventeenth and nineteenth sessions)
+M1_SPLITS = [(4096, 4096, 32, 4), (4096, 12288, 11, 2), (11008, 4096, 33, 2), (4096, 22016, 6, 2),
+             (8192, 28672, 4, 1), (28672, 8192, 16, 1), (8192, 8192, 16, 2)]
 
 
-@pytest.mark.parametrize("k,n,split", M1_SPLITS, ids=[f"{k}x{n}" for k, n, _ in M1_SPLITS])
-def test_dispatch_m1_one_wave(k, n, split):
+@pytest.mark.parametrize("k,n,split,words", M1_SPLITS, ids=[f"{k}x{n}" for k, n, _, _ in M1_SPLITS])
+def test_dispatch_m1_one_wave(k, n, split, words):
     cfg = D.choose_config(shaped_weight(k, n), 1)
-    assert (cfg.block_n, cfg.split_k) == (128, split)
+    assert (cfg.block_n, cfg.split_k, cfg.h2_words) == (128, split, words)
+    assert D.choose_config(shaped_weight(k, n), 2).h2_words == 2  # M = 2: two word rows on every shape
+
+
+# M = 1, 3 and 8 bits: two word rows for 3-bit weights beyond 2^24 elements, one for 8-bit ones
+NARROW_WORDS = [(3, 4096, 4096, 1), (3, 11008, 4096, 2), (3, 8192, 28672, 2), (8, 8192, 28672, 1), (8, 4096, 4096, 1)]
+
+
+@pytest.mark.parametrize("bits,k,n,words", NARROW_WORDS, ids=[f"{b}b-{k}x{n}" for b, k, n, _ in NARROW_WORDS])
+def test_dispatch_m1_narrow_words(bits, k, n, words):
+    cfg = D.choose_config(shaped_weight(k, n, bits), 1)
+    assert (cfg.block_n, cfg.h2_words) == (64, words)
 
 
 def test_dispatch_m1_multi_part_two_waves():
     """Fused act-order weights with several permuted parts keep about 2112 programs at M = 1 (their kernel fits 7
-    programs per SM, not 8); one permutation takes the one-wave rule like a plain weight."""
+    programs per SM, not 8) and sum four word rows in half2 lanes; one permutation takes the one-wave rule like a
+    plain weight."""
     w = shaped_weight(4096, 22016)
     one = dataclasses.replace(w, perm=jax.ShapeDtypeStruct((4096,), jnp.int32))
     two = dataclasses.replace(w, perm=jax.ShapeDtypeStruct((2, 4096), jnp.int32), parts=(11008, 11008))
     assert D.choose_config(one, 1).split_k == 6 and D.choose_config(two, 1).split_k == 12
+    assert D.choose_config(one, 1).h2_words == 2 and D.choose_config(two, 1).h2_words == 4
     assert D.choose_config(two, 2) == D.choose_config(one, 2)  # M = 2: one rule for both
 
 
