@@ -17,7 +17,8 @@ so the per-weight work is only "extract the code, make it a float, multiply-add"
 * "fma": for a handful of rows (decode; the fastest path at M = 1 and 2 on the H100). With convert="h2" each
   int32 word's codes are multiplied with x in packed half2 arithmetic (inline PTX, `_h2_asm`: ~2 instructions
   per weight; the codes scaled down by a power of two so no lane can overflow, a symmetric weight's zero point
-  subtracted in the same fma) and the same PTX multiply-adds the per-word sums into fp32; otherwise codes
+  subtracted in the same fma) and the same PTX multiply-adds the per-word sums into fp32 (with h2_words = C, the
+  products of C word rows share the half2 lanes before that conversion); otherwise codes
   become fp32 through the 2^23 magic-number trick (OR the code into the mantissa of 8388608.0 and subtract: no
   int->float conversion instruction) and are multiply-added in fp32. The row reduction happens once at the end.
 

@@ -4,7 +4,7 @@ two steps per iteration. Second run (default): the new dispatcher (C = 2 where i
 with C = 1, and the candidates left open. Device time per call (bench_kernels.jax_time, L2-cold rotation); error
 against the XLA reference (fraction of the output scale) on the first shape of each table.
 
-    PYTHONPATH=$PWD python3 benchmarks/experiments/h2_words_probe.py [--first]
+    PYTHONPATH=$PWD python3 benchmarks/experiments/h2_words_probe.py [--first | --lm-head | --warps]
 """
 
 import dataclasses
@@ -46,6 +46,14 @@ def second_variants(bits, m):
     return v
 
 
+def warps_variants(bits, m):
+    return [("dispatcher", None, None), ("8 warps", dict(num_warps=8), None),
+            ("8 warps P<=528", dict(num_warps=8), 528), ("8 warps C=4", dict(num_warps=8, h2_words=4), None),
+            ("bn256 8 warps", dict(num_warps=8, block_n=256), None),
+            ("bn256 8 warps P<=1056", dict(num_warps=8, block_n=256), 1056),
+            ("bn64 P<=2112", dict(block_n=64), 2112)]
+
+
 def weight(bits, k, n, parts):
     w = B.make_weight(jax.random.key(0), bits, k, n)
     if parts:  # identity permutations: the kernel's multi-part path, as fused act-order q/k/v and gate/up run
@@ -65,10 +73,10 @@ def run(bits, m, shapes, variants, dtype=jnp.float16, parts=None):
         wq = B.copies_of(w, c)
         xs = [jax.random.normal(jax.random.key(100 + i), (m, k), dtype) for i in range(2)]
         d = D.choose_config(w, m)
-        tiles = w.n_pad // d.block_n
         cells = []
         for name, kw, p in variants(bits, m):
             cfg = dataclasses.replace(d, **(kw or {}))
+            tiles = w.n_pad // cfg.block_n
             if p is not None:
                 split = (abs(p) // tiles) if p > 0 else round(abs(p) / tiles)
                 cfg = dataclasses.replace(cfg, split_k=max(1, min(w.num_steps, split)))
@@ -82,7 +90,11 @@ def run(bits, m, shapes, variants, dtype=jnp.float16, parts=None):
         del wq
 
 
-if "--first" in sys.argv:
+if "--warps" in sys.argv:  # third run: 8 warps / 256 or 64 columns with h2_words on the decode shapes
+    run(4, 1, [(4096, 12288), (4096, 22016), (11008, 4096), (4096, 4096), (4096, 32000)], warps_variants)
+elif "--lm-head" in sys.argv:  # the LLaMA-2-7B lm_head quantized (bench_generate's +head variant)
+    run(4, 1, [(4096, 32000)], second_variants)
+elif "--first" in sys.argv:
     M1 = [(4096, 12288), (11008, 4096), (4096, 22016), (4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192),
           (4096, 11008)]
     run(4, 1, M1, first_variants)
