@@ -301,10 +301,12 @@ def test_gptq_linear_dispatch(backend, m):
 @pytest.mark.parametrize("backend", ["interpret"] + (["pallas"] if ON_GPU else []))
 @pytest.mark.parametrize("bits", [3, 8])
 def test_gptq_linear_m1_own_rule(backend, bits):
-    """3- and 8-bit weights at M = 1 run their own dispatcher rule (64-column blocks, K splits): float64 check."""
+    """3- and 8-bit weights at M = 1 run their own dispatcher rules (about 4224 programs: K splits; a small 3-bit
+    weight 64-column blocks, a small 8-bit one 128): float64 check."""
     t, w64 = make_layer(12, bits, 1536, 384, 128, False, False, "gptq_v2")
     w = prep(t, bits, "gptq_v2")
-    assert D.choose_config(w, 1).block_n == 64
+    cfg = D.choose_config(w, 1)
+    assert cfg.block_n == (64 if bits == 3 else 128) and cfg.split_k == w.num_steps
     x = rand_x(5, 1, 1536, jnp.float16)
     check(gptq_linear(x, w, backend=backend), x, w64, "fp16")
 
