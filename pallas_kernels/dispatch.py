@@ -88,15 +88,15 @@ class Rule:
 # 3-bit: C = 2 beyond 2^24 elements (28672x8192 43.88 -> 41.00; 4096x4096 6.27 -> 6.47 loses). 8-bit keeps C = 1
 # (C = 2 wins 8192x28672 by 3.3 us but loses 28672x8192 by 6.4). The same session's grid sweep: at about 4224
 # programs, 128-column blocks beat 64-column ones for 3-bit weights beyond 2^27 elements (28672x8192 41.18 -> 39.24
-# us, 8192x28672 43.25 -> 39.70; 4096x11008 loses, 11.50 -> 12.60) and for 8-bit ones up to 2^26 (11008x4096 19.17
-# -> 18.08, 4096x11008 19.78 -> 18.21, 8192x8192 25.79 -> 25.31, 4096x4096 9.61 -> 9.20; the 70B shapes lose 1.3
-# us, bf16 8192x28672 13 us).
+# us, 8192x28672 43.25 -> 39.70, and C = 1 there 38.5 for both; 4096x11008 loses, 11.50 -> 12.60) and for 8-bit
+# ones up to 2^26 (11008x4096 19.17 -> 18.08, 4096x11008 19.78 -> 18.21, 8192x8192 25.79 -> 25.31, 4096x4096 9.61
+# -> 9.20; the 70B shapes lose 1.3 us, bf16 8192x28672 13 us).
 _M1_4BIT = KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2")
 _M1_NARROW = KernelConfig(mode="fma", block_m=1, block_n=64, num_warps=4, convert="h2")
 TABLE: tuple[Rule, ...] = (
     Rule(1, _M1_NARROW, 4224, bits=(3,), max_elements=1 << 24),
     Rule(1, dataclasses.replace(_M1_NARROW, h2_words=2), 4224, bits=(3,), max_elements=1 << 27),
-    Rule(1, dataclasses.replace(_M1_4BIT, h2_words=2), 4224, bits=(3,)),
+    Rule(1, _M1_4BIT, 4224, bits=(3,)),
     Rule(1, _M1_4BIT, 4224, bits=(8,), max_elements=1 << 26),
     Rule(1, _M1_NARROW, 4224, bits=(8,)),
     Rule(1, dataclasses.replace(_M1_4BIT, h2_words=4), 2112, multi_part=True),

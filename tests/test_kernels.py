@@ -356,11 +356,11 @@ def test_dispatch_m1_one_wave(k, n, split, words):
     assert D.choose_config(shaped_weight(k, n), 2).h2_words == 2  # M = 2: two word rows on every shape
 
 
-# M = 1, 3 and 8 bits (RESULTS.md, nineteenth session): two word rows for 3-bit weights beyond 2^24 elements, one
-# for 8-bit ones; 128-column blocks for 3-bit weights beyond 2^27 elements and 8-bit ones up to 2^26, 64 otherwise;
-# about 4224 programs
-NARROW_WORDS = [(3, 4096, 4096, 64, 1), (3, 11008, 4096, 64, 2), (3, 8192, 8192, 64, 2), (3, 8192, 28672, 128, 2),
-                (3, 28672, 8192, 128, 2), (8, 8192, 28672, 64, 1), (8, 28672, 8192, 64, 1), (8, 8192, 8192, 128, 1),
+# M = 1, 3 and 8 bits (RESULTS.md, nineteenth session), about 4224 programs: 3-bit weights up to 2^24 elements 64
+# columns and one word row per lane sum, up to 2^27 64 columns and two word rows, beyond 128 columns and one; 8-bit
+# weights one word row, 128 columns up to 2^26 elements, 64 beyond
+NARROW_WORDS = [(3, 4096, 4096, 64, 1), (3, 11008, 4096, 64, 2), (3, 8192, 8192, 64, 2), (3, 8192, 28672, 128, 1),
+                (3, 28672, 8192, 128, 1), (8, 8192, 28672, 64, 1), (8, 28672, 8192, 64, 1), (8, 8192, 8192, 128, 1),
                 (8, 4096, 11008, 128, 1), (8, 4096, 4096, 128, 1)]
 
 
