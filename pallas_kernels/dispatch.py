@@ -79,7 +79,8 @@ class Rule:
 # up instead (1120 programs) costs 8192x28672 60 us. Fused act-order weights with several permuted parts keep two
 # waves: their kernel compiles to 66 registers (7 programs per SM), and one wave costs 2-part 4096x22016 30.6 us vs
 # 25.8, 3-part 4096x12288 18.7 vs 16.0, the act-order 7B decode 373 vs 407 tok/s (why parts cost registers and
-# instructions is not known: a 2-D x with the part as a K offset compiled no better). h2_words (nineteenth session,
+# instructions was not found: a 2-D x with the part as a K offset compiled no better; the nineteenth session found
+# that the time goes to reading x's other row sets, not to the part index: RESULTS.md). h2_words (nineteenth session,
 # 2026-11-24, device time, C = 1 -> C): summing C word rows in the same half2 lanes before the fp32 conversion saves
 # most at M = 1 4-bit up to 2^27 elements with C = 2 (4096x12288 12.85 -> 12.10 us, 4096x22016 20.78 -> 19.54,
 # 11008x4096 12.40 -> 11.87, 8192x8192 17.59 -> 15.96) and with C = 4 at 4096x4096 (6.42 -> 5.97) and on
@@ -91,18 +92,19 @@ class Rule:
 # us, 8192x28672 43.25 -> 39.70, and C = 1 there 38.5 for both; 4096x11008 loses, 11.50 -> 12.60) and for 8-bit
 # ones up to 2^26 (11008x4096 19.17 -> 18.08, 4096x11008 19.78 -> 18.21, 8192x8192 25.79 -> 25.31, 4096x4096 9.61
 # -> 9.20; the 70B shapes lose 1.3 us, bf16 8192x28672 13 us).
-_M1_4BIT = KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2")
-_M1_NARROW = KernelConfig(mode="fma", block_m=1, block_n=64, num_warps=4, convert="h2")
+_M1_WIDE = KernelConfig(mode="fma", block_m=1, block_n=128, num_warps=4, convert="h2")  # 128 columns
+_M1_NARROW = dataclasses.replace(_M1_WIDE, block_n=64)
+_M1_WIDE_C2, _M1_WIDE_C4 = (dataclasses.replace(_M1_WIDE, h2_words=c) for c in (2, 4))
 TABLE: tuple[Rule, ...] = (
     Rule(1, _M1_NARROW, 4224, bits=(3,), max_elements=1 << 24),
     Rule(1, dataclasses.replace(_M1_NARROW, h2_words=2), 4224, bits=(3,), max_elements=1 << 27),
-    Rule(1, _M1_4BIT, 4224, bits=(3,)),
-    Rule(1, _M1_4BIT, 4224, bits=(8,), max_elements=1 << 26),
+    Rule(1, _M1_WIDE, 4224, bits=(3,)),
+    Rule(1, _M1_WIDE, 4224, bits=(8,), max_elements=1 << 26),
     Rule(1, _M1_NARROW, 4224, bits=(8,)),
-    Rule(1, dataclasses.replace(_M1_4BIT, h2_words=4), 2112, multi_part=True),
-    Rule(1, dataclasses.replace(_M1_4BIT, h2_words=4), 1056, at_most=True, max_elements=1 << 24),
-    Rule(1, dataclasses.replace(_M1_4BIT, h2_words=2), 1056, at_most=True, max_elements=1 << 27),
-    Rule(1, _M1_4BIT, 1056, at_most=True),
+    Rule(1, _M1_WIDE_C4, 2112, multi_part=True),
+    Rule(1, _M1_WIDE_C4, 1056, at_most=True, max_elements=1 << 24),
+    Rule(1, _M1_WIDE_C2, 1056, at_most=True, max_elements=1 << 27),
+    Rule(1, _M1_WIDE, 1056, at_most=True),
     Rule(2, KernelConfig(mode="fma", block_m=2, block_n=128, num_warps=8, convert="h2", h2_words=2), 1056),
     Rule(16, KernelConfig(mode="dot", block_m=16, block_n=128, num_warps=4, convert="asm", swap_ab=True), 528),
     Rule(32, KernelConfig(mode="dot", block_m=32, block_n=128, num_warps=4, convert="magic16"), 264),

@@ -338,8 +338,8 @@ def test_dispatch_choices():
 def shaped_weight(k: int, n: int, bits: int = 4) -> L.GPTQWeight:
     """A g128 weight of shape (k, n) with abstract arrays: enough for the dispatcher, which reads shapes."""
     sds = jax.ShapeDtypeStruct
-    rows, planes = (k // 16, 2) if bits == 3 else (k * bits // 32, 1)
-    return L.GPTQWeight(planes=(sds((rows, n), jnp.int32),) * planes, scales=sds((k // 128, n), jnp.float16),
+    rows = (k // 16, k // 32) if bits == 3 else (k * bits // 32,)  # 3 bits: lo and hi planes
+    return L.GPTQWeight(planes=tuple(sds((r, n), jnp.int32) for r in rows), scales=sds((k // 128, n), jnp.float16),
                         zeros=None, perm=None, bits=bits, group_size=128, in_features=k, out_features=n)
 
 
