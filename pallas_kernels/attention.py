@@ -9,7 +9,8 @@ probabilities x values) of 1.5-3.7 us each on the H100, about 0.3 ms of a 7B mod
   and the rotary cos/sin of its position; the kernel applies the rotary embedding to q and k itself (in float32,
   rounded once), so no XLA kernels slice the projections or rotate them;
 * grid (B, kv_heads, splits): a program takes one row, one key/value head and its `g = heads / kv_heads` query
-  heads (GQA; rows padded to the 16-row dot minimum and masked), and a contiguous share of the cache slots;
+  heads (GQA; rows padded to the 16-row dot minimum and masked), and a contiguous share of the live cache blocks,
+  those holding slots start - window < s < start (a long preallocated cache is read only as far as it is filled);
   q and k are handled as their two rotary halves (two dots of D/2 for the scores);
 * per block of `block_k` slots: scores = q k^T (tensor cores, fp32), the mask (slot < start, kv_valid, sliding
   window), an online softmax (running max m, sum l; probabilities cast to the compute dtype before the
@@ -181,10 +182,16 @@ def _kernel(start_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, valid_ref, *ou
     l = own * jnp.ones((st.rows,), jnp.float32)
     acc = own * jnp.broadcast_to(vn.astype(jnp.float32)[None, :], (st.rows, st.d))
 
+    # only the blocks holding allowed cache slots (start - window < slot < start) are read, shared evenly among the
+    # splits: a cache longer than the sequence so far costs nothing (a split left without blocks writes m = MASKED,
+    # l = 0, acc = 0, which the combine weighs by 0)
     nblocks = -(-st.s // st.block_k)
-    j_lo = sp * nblocks // st.splits
-    j_hi = (sp + 1) * nblocks // st.splits
+    live_hi = jnp.minimum((start + st.block_k - 1) // st.block_k, nblocks)
     lo_slot = jnp.int32(-1) if st.window is None else start - st.window  # slots > lo_slot
+    live_lo = jnp.minimum(jnp.maximum(lo_slot + 1, 0) // st.block_k, live_hi)
+    live = live_hi - live_lo
+    j_lo = live_lo + sp * live // st.splits
+    j_hi = live_lo + (sp + 1) * live // st.splits
     qk_dims = (((1,), (1,)), ((), ()))
 
     def body(j, carry):
@@ -193,9 +200,9 @@ def _kernel(start_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, valid_ref, *ou
         in_range = slots < st.s
         valid = plgpu.load(valid_ref.at[b, pl.ds(j * st.block_k, st.block_k)], mask=in_range, other=0)
         ok = in_range & (slots < start) & (slots > lo_slot) & (valid > 0)
-        # keys/values are loaded for every slot in range (not only the allowed ones) so the loads do not wait for
-        # kv_valid's; a disallowed slot's scores are replaced and its probability is 0 (cache slots hold finite
-        # values: zeros or written keys/values)
+        # keys/values are loaded for every slot of the block (not only the allowed ones) so the loads do not wait
+        # for kv_valid's; a disallowed slot's scores are replaced and its probability is 0 (the slots of a live
+        # block hold finite values: zeros or written keys/values)
         blk = pl.ds(j * st.block_k, st.block_k)
         if st.s % st.block_k:
             k_lo = plgpu.load(kc_ref.at[b, blk, h, lo], mask=in_range[:, None], other=0)

@@ -107,6 +107,31 @@ def test_decode_attention_matches_float64(case, backend):
     np.testing.assert_allclose(k2[:, start], kref[:, start], rtol=2 * ulp, atol=2 * ulp)
 
 
+@pytest.mark.parametrize("start,window,splits", [(70, None, None), (64, None, 3), (100, 24, 2), (5, None, 4)],
+                         ids=["mid", "block-edge", "window", "early"])
+def test_kernel_reads_only_live_blocks(start, window, splits):
+    """Blocks of 32 slots holding no allowed slot (at or after `start`'s block end, or wholly before a sliding
+    window) are never read: NaN there leaves the output equal to the result on the clean cache. Splits without a
+    live block (more splits than live blocks) contribute nothing."""
+    b, nh, kv, d, s, bk = 2, 8, 2, 64, 160, 32
+    qkv, cos, sin, kc, vc, valid = make_case(4, b, nh, kv, d, s, start, jnp.float16, (0, 3))
+    ref = numpy_decode(qkv, cos, sin, kc, vc, valid, start, window, nh)[0]
+    live_hi = -(-start // bk) * bk  # first slot of the first block past the allowed slots
+    live_lo = 0 if window is None else max(start - window + 1, 0) // bk * bk
+    dead = (np.arange(s) >= live_hi) | (np.arange(s) < live_lo)
+    dead[start] = False  # written by the kernel, not read
+    assert dead.any()
+    poison = lambda c: jnp.where(jnp.asarray(dead)[None, :, None, None], jnp.nan, c)  # noqa: E731
+    out, k2, _ = jax.jit(
+        lambda *a: decode_attention(*a, jnp.int32(start), window, num_heads=nh, backend=BACKEND,
+                                    config=AttentionConfig(block_k=bk, splits=splits))
+    )(qkv, cos, sin, poison(kc), poison(vc), valid)
+    o = np.asarray(out, np.float64)
+    assert np.isfinite(o).all()
+    assert np.abs(o - ref).max() / np.abs(ref).max() < 1e-2
+    assert np.isnan(np.asarray(k2, np.float32)[:, dead]).all()  # the dead slots are left as they were
+
+
 def test_kernel_matches_reference_closely():
     """Kernel vs XLA reference on the same fp16 inputs: the online softmax differs only in rounding, and both
     write the same rotated key (rounded once from float32) into the cache."""
