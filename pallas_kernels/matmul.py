@@ -50,6 +50,7 @@ from pallas_kernels.gptq_layout import (STEP_ROWS, SUB_ROWS, GPTQWeight, dequant
 
 __all__ = ["KernelConfig", "gptq_matmul", "reference", "rms_norm", "compiler_params"]
 
+_NORM_VARIANT = "exact"  # probe switch (experiment commit only): "exact", "post", "r-only"
 _MAGIC_I32 = 0x4B000000  # bit pattern of 8388608.0 = 2^23 (float32 with mantissa ulp 1)
 _MAGIC_F32 = 8388608.0
 
@@ -837,6 +838,11 @@ def _kernel(*refs, st: _Static):
         def xprep(xrows):
             if not st.norm:
                 return [[xcast(v) for v in row] for row in xrows]
+            if _NORM_VARIANT == "post":  # probe: x used as loaded, r applied to the sums (wrong numerics)
+                return [[xcast(xv) for xv, gv in row] for row in xrows]
+            if _NORM_VARIANT == "r-only":  # probe: x * r per step, no weight
+                return [[xcast((xv.astype(jnp.float32) * r).astype(x_ref.dtype)) for xv, gv in row]
+                        for row, r in zip(xrows, r_rows)]
             return [[xcast((xv.astype(jnp.float32) * r).astype(x_ref.dtype) * gv) for xv, gv in row]
                     for row, r in zip(xrows, r_rows)]
 
@@ -886,6 +892,8 @@ def _kernel(*refs, st: _Static):
         init = tuple(jnp.zeros((rsub, bn), jnp.float32) for _ in range(bm))
         accs = run_steps(load_step, body_h2 if st.h2 else body, init, first)
         out_rows = [(jnp.sum(a, axis=0), i) for i, a in enumerate(accs)]
+        if st.norm and _NORM_VARIANT == "post":
+            out_rows = [(v * r_rows[i], i) for v, i in out_rows]
 
     # epilogue: bias (S = 1 only), cast, masked store
     for val, row in out_rows:
