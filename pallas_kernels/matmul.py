@@ -48,9 +48,8 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.gptq_layout import (STEP_ROWS, SUB_ROWS, GPTQWeight, dequantize, part_starts, split_parts,
                                         zero_point)
 
-__all__ = ["KernelConfig", "gptq_matmul", "reference", "rms_norm", "compiler_params"]
+__all__ = ["KernelConfig", "gptq_matmul", "reference", "compiler_params"]
 
-_NORM_VARIANT = "exact"  # probe switch (experiment commit only): "exact", "post", "r-only"
 _MAGIC_I32 = 0x4B000000  # bit pattern of 8388608.0 = 2^23 (float32 with mantissa ulp 1)
 _MAGIC_F32 = 8388608.0
 
@@ -153,10 +152,6 @@ class _Static:
     h2_exp: int = 0
     h2_words: int = 1  # word rows per h2 PTX call (`_h2_words_for`); 1 outside h2
     part_starts: tuple[int, ...] = ()  # first column of parts 1.. (x is stacked per part: (P, M, K))
-    norm: bool = False  # RMSNorm prologue (fma mode): x is normalised in the kernel (`rms_norm`'s numerics)
-    norm_k: int = 0  # features the mean square is taken over (x's true K)
-    norm_eps: float = 0.0
-    norm_chunk: int = 0  # row elements per load of the mean-square pass (a power of two dividing x's K)
 
 
 def _subchunks(bits: int) -> list[tuple[int, int, int, int]]:
@@ -651,9 +646,6 @@ def _kernel(*refs, st: _Static):
     step, sub = STEP_ROWS[bits], SUB_ROWS[bits]
     nplanes = 2 if bits == 3 else 1
     x_ref, *rest = refs
-    g_ref = None
-    if st.norm:
-        g_ref, rest = rest[0], rest[1:]
     plane_refs, rest = rest[:nplanes], rest[nplanes:]
     s_ref, rest = rest[0], rest[1:]
     z_ref = None
@@ -697,46 +689,41 @@ def _kernel(*refs, st: _Static):
                 tiles.append([p_ref[i] for i in idxs])
         return tiles
 
-    def run_steps(load_step, step_fn, init, first=None):
-        """Fold step_fn(t, load_step(t), carry) over this program's steps (`first`: step t_lo's loads, already
-        issued; the loop then starts at t_lo + 1).
+    def run_steps(load_step, step_fn, init):
+        """Fold step_fn(t, load_step(t), carry) over this program's steps.
 
         steps_per_iter = u > 1: u steps' loads are issued together, then used. prefetch: the loads of step t + 1
         are issued before step t's arithmetic (a register double buffer carried by the loop), so the weight
         stream stays in flight while the codes are unpacked.
         """
         u = cfg.steps_per_iter
-        lo = t_lo
-        if first is not None:
-            init = step_fn(t_lo, first, init)
-            lo = t_lo + 1
 
         def one(t, carry):
             return step_fn(t, load_step(t), carry)
 
-        if cfg.prefetch:  # (the wrapper keeps `first` out of this mode)
+        if cfg.prefetch:
 
             def ahead(t, carry):
                 acc, cur = carry
                 nxt = load_step(jnp.minimum(t + 1, t_hi - 1))  # the last iteration reloads its own step
                 return step_fn(t, cur, acc), nxt
 
-            acc, _ = jax.lax.fori_loop(lo, t_hi, ahead, (init, load_step(lo)))
+            acc, _ = jax.lax.fori_loop(t_lo, t_hi, ahead, (init, load_step(t_lo)))
             return acc
 
         if u == 1:
-            return jax.lax.fori_loop(lo, t_hi, one, init)
+            return jax.lax.fori_loop(t_lo, t_hi, one, init)
 
         def many(i, carry):
-            t0 = lo + i * u
+            t0 = t_lo + i * u
             loaded = [load_step(t0 + v) for v in range(u)]  # all loads issued before any use
             for v in range(u):
                 carry = step_fn(t0 + v, loaded[v], carry)
             return carry
 
-        n_full = (t_hi - lo) // u
+        n_full = (t_hi - t_lo) // u
         carry = jax.lax.fori_loop(0, n_full, many, init)
-        return jax.lax.fori_loop(lo + n_full * u, t_hi, one, carry)
+        return jax.lax.fori_loop(t_lo + n_full * u, t_hi, one, carry)
 
     def load_scale_zero(g):
         s = s_ref[g, pl.ds(n0, bn)].astype(jnp.float32)
@@ -797,18 +784,15 @@ def _kernel(*refs, st: _Static):
         rsub = sub // cuts
 
         def load_xrow(m, kk):
-            """x[part, m, kk:kk + rsub] (with st.norm: and the norm weight's matching slice, as a pair)"""
             idx = (part, m, pl.ds(kk, rsub))
             if not (st.mask_m or st.mask_k):
-                xv = x_ref[idx]
-                return (xv, g_ref[part, pl.ds(kk, rsub)]) if st.norm else xv
+                return xcast(x_ref[idx])
             mask = jnp.ones((rsub,), jnp.bool_)
             if st.mask_m:
                 mask = mask & (m < st.m)
             if st.mask_k:
                 mask = mask & ((kk + jax.lax.broadcasted_iota(jnp.int32, (rsub,), 0)) < st.k)
-            xv = plgpu.load(x_ref.at[idx], mask=mask, other=0)
-            return (xv, plgpu.load(g_ref.at[part, pl.ds(kk, rsub)], mask=mask, other=0)) if st.norm else xv
+            return xcast(plgpu.load(x_ref.at[idx], mask=mask, other=0))
 
         def load_step(t):
             # x per row: [slice c][sub-chunk j] as (SUB/C,) vectors, flattened c-major
@@ -816,39 +800,8 @@ def _kernel(*refs, st: _Static):
                      for i in range(bm)]
             return load_tiles(t), xrows
 
-        first, r_rows = None, []
-        if st.norm:
-            # RMSNorm prologue: step t_lo's loads go out first, then each row's mean square (its whole row, in
-            # chunks), so the row loads' latency overlaps the weight stream's start. Every step then normalises
-            # its x slices as `rms_norm` does: fp16/bf16(x * r) * weight, rounded twice.
-            first = load_step(t_lo)
-            for i in range(bm):
-                ss = jnp.zeros((), jnp.float32)
-                for c0 in range(0, st.k, st.norm_chunk):
-                    idx = (jnp.int32(0), m0 + i, pl.ds(c0, st.norm_chunk))
-                    if st.mask_m:
-                        xc = plgpu.load(x_ref.at[idx], mask=jnp.broadcast_to(m0 + i < st.m, (st.norm_chunk,)),
-                                        other=0)
-                    else:
-                        xc = x_ref[idx]
-                    xc = xc.astype(jnp.float32)
-                    ss = ss + jnp.sum(xc * xc)
-                r_rows.append(jax.lax.rsqrt(ss / st.norm_k + st.norm_eps))
-
-        def xprep(xrows):
-            if not st.norm:
-                return [[xcast(v) for v in row] for row in xrows]
-            if _NORM_VARIANT == "post":  # probe: x used as loaded, r applied to the sums (wrong numerics)
-                return [[xcast(xv) for xv, gv in row] for row in xrows]
-            if _NORM_VARIANT == "r-only":  # probe: x * r per step, no weight
-                return [[xcast((xv.astype(jnp.float32) * r).astype(x_ref.dtype)) for xv, gv in row]
-                        for row, r in zip(xrows, r_rows)]
-            return [[xcast((xv.astype(jnp.float32) * r).astype(x_ref.dtype) * gv) for xv, gv in row]
-                    for row, r in zip(xrows, r_rows)]
-
         def body(t, loaded, accs):
             tiles, xrows = loaded
-            xrows = xprep(xrows)
             accs = list(accs)
             for g, js in _groups_in_step(st, t):
                 codes = [_code_fma(st, tiles, j) for j in js]
@@ -868,7 +821,6 @@ def _kernel(*refs, st: _Static):
             # x pairs packed once per row ((SUB,) vectors); the asm unpacks each word once for all rows and
             # multiply-adds the scaled half2 sums into the f32 accumulators
             tiles, xrows = loaded
-            xrows = xprep(xrows)
             half = _h2_half(bits)
             nsub = len(_subchunks(bits))
             groups = _groups_in_step(st, t)
@@ -890,10 +842,8 @@ def _kernel(*refs, st: _Static):
             return tuple(_h2_accumulate(st, x_ref.dtype, _h2_words(st, tiles), pairs, scales, nsz, xs, list(accs)))
 
         init = tuple(jnp.zeros((rsub, bn), jnp.float32) for _ in range(bm))
-        accs = run_steps(load_step, body_h2 if st.h2 else body, init, first)
+        accs = run_steps(load_step, body_h2 if st.h2 else body, init)
         out_rows = [(jnp.sum(a, axis=0), i) for i, a in enumerate(accs)]
-        if st.norm and _NORM_VARIANT == "post":
-            out_rows = [(v * r_rows[i], i) for v, i in out_rows]
 
     # epilogue: bias (S = 1 only), cast, masked store
     for val, row in out_rows:
@@ -945,7 +895,7 @@ def poison_output(args: list[jax.Array], out_shape: jax.ShapeDtypeStruct) -> tup
 # once per argument shapes and static arguments within a program, where each bare pallas_call site is lowered
 # (and its kernel module built) anew: about 0.15 s per Triton call and 0.7 s per Mosaic GPU call on a CPU core
 # (a 32-layer model's prefill holds 128 such calls).
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "out_dtype", "poison", "norm_eps"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "out_dtype", "poison"))
 def gptq_matmul(
     x: jax.Array,
     w: GPTQWeight,
@@ -955,14 +905,9 @@ def gptq_matmul(
     interpret: bool = False,
     out_dtype=None,
     poison: bool = False,
-    norm_weight: jax.Array | None = None,
-    norm_eps: float = 1e-6,
 ) -> jax.Array:
     """Pallas kernel: x (M, K) fp16/bf16 -> x @ dequant(w) + bias, (M, N) in out_dtype (default x.dtype).
 
-    norm_weight (K,): fma mode only: the kernel applies `rms_norm(x, norm_weight, norm_eps)` to x itself (each
-    program reads its rows once for their mean squares), i.e. computes rms_norm(x) @ dequant(w) + bias with no
-    XLA kernels for the norm.
     interpret=True runs the kernel in Pallas' interpreter (CPU tests); arrays are then padded to whole blocks so
     the interpreter never slices out of bounds, while the kernel's masks still use the true M, K and N.
     poison=True pre-fills the kernel's output buffer with NaN (aliased input), so a tile the kernel fails to
@@ -973,13 +918,6 @@ def gptq_matmul(
     if x.dtype not in (jnp.float16, jnp.bfloat16):
         raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
     cfg = config
-    norm = norm_weight is not None
-    if norm:
-        if cfg.mode != "fma" or cfg.prefetch:
-            raise ValueError("norm_weight needs an fma-mode config without prefetch")
-        if norm_weight.shape != (w.in_features,):
-            raise ValueError(f"norm_weight must have shape ({w.in_features},), got {norm_weight.shape}")
-        g = norm_weight.astype(x.dtype)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     m, k = x.shape
     n, kp, np_ = w.out_features, w.k_pad, w.n_pad
@@ -1001,25 +939,17 @@ def gptq_matmul(
         x = jnp.take(x, w.perm, axis=1)  # (M, K), or (M, P, K) for a multi-permutation weight
         x = jnp.moveaxis(x, 1, 0) if w.parts else x[None]
         x = jnp.pad(x, ((0, 0), (0, 0), (0, kp - k)))
-        if norm:  # the norm weight follows x's features: (K,) or (P, K)
-            g = jnp.take(g, w.perm, axis=0)
-            g = jnp.pad(g if w.parts else g[None], ((0, 0), (0, kp - k)))
         k_eff = kp
     else:
         x = x[None]
-        if norm:
-            g = g[None]
         k_eff = k
     m_tiles = -(-m // bm)
     mp = m_tiles * bm
     if interpret:  # whole blocks for the interpreter
         x = jnp.pad(x, ((0, 0), (0, mp - m), (0, kp - x.shape[2])))
-        if norm:
-            g = jnp.pad(g, ((0, 0), (0, kp - g.shape[1])))
         out_m, out_n = mp, np_
     else:
         out_m, out_n = m, n
-    norm_chunk = min(1024, k_eff & -k_eff)  # a power of two dividing K: the mean-square pass's loads stay in x
 
     st = _Static(
         bits=w.bits,
@@ -1041,12 +971,8 @@ def gptq_matmul(
         h2_exp=h2_exp,
         h2_words=h2_words,
         part_starts=starts,
-        norm=norm,
-        norm_k=k,
-        norm_eps=float(norm_eps),
-        norm_chunk=norm_chunk,
     )
-    args = [x, *([g] if norm else []), *weight_operands(w)]
+    args = [x, *weight_operands(w)]
     if st.has_bias:
         args.append(jnp.pad(jnp.asarray(bias), (0, np_ - n)))
     if partial:
@@ -1071,15 +997,6 @@ def gptq_matmul(
             y = y + jnp.asarray(bias).astype(jnp.float32)
         return y.astype(out_dtype)
     return out[:m, :n]
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, transformers' LLaMA order: x * rsqrt(mean(x^2) + eps) in float32, cast to x's
-    dtype, times weight (cast to x's dtype) in x's dtype. x (..., K), weight (K,) -> (..., K) in x's dtype."""
-    xf = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
-    normed = (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-    return weight.astype(x.dtype) * normed
 
 
 def reference(

@@ -477,57 +477,6 @@ def test_kernel_multi_permutation_weight(bits, m, cfg_name, dtype):
         G.gptq_matmul(x, w, config=dataclasses.replace(cfg, block_n=64), interpret=True)
 
 
-def numpy_rms_norm(x, g, eps):
-    """float64 RMSNorm: x (M, K) / sqrt(mean(x^2) + eps) * g."""
-    x, g = np.asarray(jnp.asarray(x, jnp.float32), np.float64), np.asarray(jnp.asarray(g, jnp.float32), np.float64)
-    return x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + eps) * g
-
-
-NORM_CASES = [
-    # (bits, m, config, dtype, weight: "seq" | "act" | "parts", K)
-    (4, 1, KernelConfig(mode="fma", block_m=1, block_n=32, convert="h2", split_k=3, h2_words=2), "fp16", "seq", 576),
-    (3, 2, KernelConfig(mode="fma", block_m=2, block_n=32, convert="h2", split_k=2), "bf16", "act", 512),
-    (8, 3, KernelConfig(mode="fma", block_m=2, block_n=32, convert="pos", split_k=2), "fp16", "act", 256),
-    (4, 1, KernelConfig(mode="fma", block_m=1, block_n=32, convert="h2", split_k=2, h2_words=4), "fp16", "parts", 256),
-    (2, 1, KernelConfig(mode="fma", block_m=1, block_n=32, convert="shift", steps_per_iter=2), "bf16", "seq", 384),
-]
-
-
-@pytest.mark.parametrize("bits,m,cfg,dtype,kind,k", NORM_CASES,
-                         ids=[f"b{c[0]}-m{c[1]}-{c[2].convert}-{c[3]}-{c[4]}-k{c[5]}" for c in NORM_CASES])
-def test_kernel_rms_norm_prologue(bits, m, cfg, dtype, kind, k):
-    """norm_weight: the fma kernel normalises x itself (mean square over each whole row, then every slice as
-    `rms_norm` rounds it). Against float64 (RMSNorm then the dequantized product), and against the same kernel on
-    XLA's rms_norm(x): the same roundings, so within a few output ulps. K = 576 and 384 take 64- and 128-element
-    chunks for the mean square; act-order and fused parts read the norm weight in their own feature orders."""
-    dt = DTYPES[dtype]
-    if kind == "parts":
-        w, w64 = fused_act_order_weight(bits, k, (64, 32, 64), 64)
-    else:
-        t, w64 = make_layer(70 + bits, bits, k, 96, 64, kind == "seq", kind == "act", "gptq_v2")
-        w = prep(t, bits, "gptq_v2")
-    rng = np.random.default_rng(bits + m)
-    x = jnp.asarray(rng.standard_normal((m, k)) * 3 + 0.5, dt)
-    g = jnp.asarray(rng.uniform(0.3, 1.7, k), dt)
-    eps = 1e-5
-    y = KERNEL(x, w, config=cfg, interpret=INTERPRET, poison=True, norm_weight=g, norm_eps=eps)
-    check(y, numpy_rms_norm(x, g, eps), w64, dtype)
-    y_xla = KERNEL(G.rms_norm(x, g, eps), w, config=cfg, interpret=INTERPRET)
-    a, b = np.asarray(y, np.float32), np.asarray(y_xla, np.float32)
-    assert np.abs(a - b).max() <= 4e-3 * np.abs(b).max(), np.abs(a - b).max()
-
-
-def test_kernel_rms_norm_errors():
-    t, _ = make_layer(5, 4, 256, 64, 64, True, False)
-    w = prep(t, 4)
-    x = rand_x(1, 1, 256, jnp.float16)
-    with pytest.raises(ValueError, match="fma-mode"):
-        G.gptq_matmul(x, w, config=KernelConfig(mode="dot"), interpret=True, norm_weight=jnp.ones(256, jnp.float16))
-    with pytest.raises(ValueError, match="norm_weight must have shape"):
-        G.gptq_matmul(x, w, config=KernelConfig(mode="fma", block_m=1, convert="pos"), interpret=True,
-                      norm_weight=jnp.ones(128, jnp.float16))
-
-
 def test_multi_permutation_backward_and_dispatch():
     """dX = dY @ W^T of a multi-permutation weight (each part in its own feature order, summed), through the
     transposed kernel, its reference and gptq_linear's VJP."""
