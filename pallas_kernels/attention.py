@@ -129,11 +129,17 @@ def decode_attention_reference(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """block_k: cache slots per loop step (power of two >= 16); splits: programs per (row, kv head) over the
-    slots (None: enough for about `programs` programs in all); num_warps, num_stages: Triton parameters."""
+    slots (None: 1 when the rows x kv heads reach `full_grid` programs, else enough for about `programs`
+    programs in all); num_warps, num_stages: Triton parameters.
+
+    H100, 7B shapes (benchmarks/RESULTS.md, twentieth session): at batch 8 (256 row x head programs) one split
+    beats two (28.1 vs 31.2 us per call, 24.9 vs 28.8 with the cache 2/3 full), at batch 32 they tie; at batch 1
+    (32 programs) six splits beat one (10.4 vs 16.3 us). `full_grid` is the H100's 132 SMs."""
 
     block_k: int = 64
     splits: int | None = None
     programs: int = 264
+    full_grid: int = 132
     num_warps: int = 4
     num_stages: int = 2
 
@@ -243,6 +249,8 @@ def _splits_for(cfg: AttentionConfig, b: int, kv: int, s: int) -> int:
     nblocks = -(-s // cfg.block_k)
     if cfg.splits is not None:
         return max(1, min(cfg.splits, nblocks))
+    if b * kv >= cfg.full_grid:
+        return 1
     return max(1, min(nblocks, -(-cfg.programs // (b * kv))))
 
 

@@ -132,6 +132,18 @@ def test_kernel_reads_only_live_blocks(start, window, splits):
     assert np.isnan(np.asarray(k2, np.float32)[:, dead]).all()  # the dead slots are left as they were
 
 
+def test_auto_splits():
+    """Splits over the cache only while rows x kv heads leave the GPU short of programs (`full_grid`)."""
+    from pallas_kernels.attention import _splits_for
+
+    cfg = AttentionConfig()
+    assert _splits_for(cfg, 1, 32, 384) == 6  # 7B batch 1: min(6 blocks, 264 / 32 -> 9)
+    assert _splits_for(cfg, 1, 3, 4096) == 64  # SmolLM2 GQA: 88 wanted, 64 blocks
+    assert _splits_for(cfg, 4, 32, 384) == 3  # 128 programs: still short of 132
+    assert _splits_for(cfg, 8, 32, 384) == 1  # 256 programs fill the GPU
+    assert _splits_for(AttentionConfig(splits=4), 8, 32, 384) == 4
+
+
 def test_kernel_matches_reference_closely():
     """Kernel vs XLA reference on the same fp16 inputs: the online softmax differs only in rounding, and both
     write the same rotated key (rounded once from float32) into the cache."""
