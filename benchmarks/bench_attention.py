@@ -34,6 +34,11 @@ CONFIGS = [AttentionConfig(), AttentionConfig(splits=1), AttentionConfig(block_k
            AttentionConfig(block_k=32, programs=528), AttentionConfig(block_k=32, programs=1056)]
 
 
+def start_slot(s: int, fill: float) -> int:
+    """The new token's cache slot for a cache of s slots filled to `fill` (at most s - 3)."""
+    return min(round(fill * s), s - 3)
+
+
 def time_call(b, nh, kv, d, s, backend, cfg=None, copies=8, reps=20, fill=1.0) -> float:
     key = jax.random.key(0)
     qkv = jax.random.normal(key, (b, (nh + 2 * kv) * d), jnp.float16)
@@ -42,7 +47,7 @@ def time_call(b, nh, kv, d, s, backend, cfg=None, copies=8, reps=20, fill=1.0) -
     caches = tuple((jax.random.normal(jax.random.key(i), (b, s, kv, d), jnp.float16),
                     jax.random.normal(jax.random.key(i + 99), (b, s, kv, d), jnp.float16)) for i in range(copies))
     valid = jnp.ones((b, s), jnp.int32)
-    start = jnp.int32(min(round(fill * s), s - 3))
+    start = jnp.int32(start_slot(s, fill))
 
     @jax.jit
     def run(caches, qkv):
@@ -85,7 +90,7 @@ def main() -> None:
                     rows.append((name, time_call(*shape, "pallas", cfg, fill=fill)))
                 except Exception as e:  # report and go on
                     print(shape, name, "FAILED", str(e)[:300], flush=True)
-            start = min(round(fill * s), s - 3)
+            start = start_slot(s, fill)
             kv_bytes = 2 * b * start * kv * d * 2
             print(f"\n(B, heads, kv heads, D, slots) = {shape}, start {start}: K/V read {kv_bytes / 1e6:.1f} MB",
                   flush=True)

@@ -189,7 +189,7 @@ def _kernel(start_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, valid_ref, *ou
     acc = own * jnp.broadcast_to(vn.astype(jnp.float32)[None, :], (st.rows, st.d))
 
     # only the blocks holding allowed cache slots (start - window < slot < start) are read, shared evenly among the
-    # splits: a cache longer than the sequence so far costs nothing (a split left without blocks writes m = MASKED,
+    # splits: the cache beyond the sequence so far is not read (a split left without blocks writes m = MASKED,
     # l = 0, acc = 0, which the combine weighs by 0)
     nblocks = -(-st.s // st.block_k)
     live_hi = jnp.minimum((start + st.block_k - 1) // st.block_k, nblocks)

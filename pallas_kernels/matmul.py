@@ -432,10 +432,10 @@ def _h2_asm(st: _Static, dtype, rows: int) -> str:
     fit the mantissa comes from a shifted copy of the word (one shift serves the following fields). Then one fma
     per row multiply-adds q with the x pair into the half2 lane sums of its accumulator set (`_h2_plan`; the C
     positions share the sets), which round to fp16/bf16; each set's two lanes become f32 and are multiply-added
-    with their slots' scales (two f32 fmas), so the sums over words and K steps accumulate in f32. Bits 3: pair j takes its two low bits from
-    field j // 2 of lo word j % 2 and its high bit from bit j of the hi word, shifted once per lo word to sit just
-    above the field; two lop3s assemble magic + code * 2^p in both lanes (shifted copies of both words once p
-    would leave the mantissa).
+    with their slots' scales (two f32 fmas), so the sums over words and K steps accumulate in f32. Bits 3: pair j
+    takes its two low bits from field j // 2 of lo word j % 2 and its high bit from bit j of the hi word, shifted
+    once per lo word to sit just above the field; two lop3s assemble magic + code * 2^p in both lanes (shifted
+    copies of both words once p would leave the mantissa).
     """
     bits = st.bits
     half = _h2_half(bits)
