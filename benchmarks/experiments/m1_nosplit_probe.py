@@ -39,7 +39,7 @@ def main():
         wb = B.nbytes(w)
         c, reps = B.rotation(wb, 1, k, 10e-6)
         ws = B.copies_of(w, c)
-        xs = [jax.random.normal(jax.random.key(100 + i), (1, k), jnp.float16) for i in range(8)]
+        xs = [jax.random.normal(jax.random.key(100 + i), (1, k), jnp.float16) for i in range(-(-reps // c))]
         base = D.choose_config(w, 1)
         variants = [("dispatcher", base)]
         for bn in map(int, args.bns.split(",")):
