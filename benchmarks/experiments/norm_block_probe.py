@@ -155,6 +155,45 @@ def chain(ws, links: int, mode: str, inter: int):
     return run
 
 
+def chain_fp16(ws, links: int, mode: str, inter: int):
+    """The same links with fp16 dense weights through XLA dots (the fp16 stack): "fp16" as the model does it now,
+    "fp16-fold" with the normalisation behind the dots (XLA: residual add + g * h + sum of squares in one fusion,
+    r applied by the consumers), "fp16-fold2" with the Pallas blocks (dot outputs in fp32 as one partial)."""
+    c = len(ws)
+
+    @jax.jit
+    def run(ws, res, g):
+        x = xla_norm(res, g)
+        rr = None
+        ss = None
+        for r in range(links):
+            wo, wgu, wd = ws[r % c]
+            if mode == "fp16":
+                res = res + x @ wo
+                y = xla_norm(res, g) @ wgu
+                a = jax.nn.silu(y[:, :inter]) * y[:, inter:]
+                res = res + a @ wd
+                x = xla_norm(res, g)
+            elif mode == "fp16-fold":
+                yo = jnp.dot(x, wo, preferred_element_type=jnp.float32)
+                res = res + (yo if rr is None else yo * rr).astype(res.dtype)
+                hf = res.astype(jnp.float32)
+                rr = jax.lax.rsqrt(jnp.mean(hf * hf, -1, keepdims=True) + EPS)
+                y = (jnp.dot(g * res, wgu, preferred_element_type=jnp.float32) * rr).astype(res.dtype)
+                a = jax.nn.silu(y[:, :inter]) * y[:, inter:]
+                res = res + a @ wd
+                hf = res.astype(jnp.float32)
+                rr = jax.lax.rsqrt(jnp.mean(hf * hf, -1, keepdims=True) + EPS)
+                x = g * res
+            else:
+                res, xg, ss = norm_block(jnp.dot(x, wo, preferred_element_type=jnp.float32)[None], res, g, ss)
+                a = silu_block(jnp.dot(xg, wgu, preferred_element_type=jnp.float32)[None], ss, res.shape[1])
+                res, x, ss = norm_block(jnp.dot(a, wd, preferred_element_type=jnp.float32)[None], res, g)
+        return res, x, ss if ss is not None else rr
+
+    return run
+
+
 def measure(run, *args):
     jax.block_until_ready(run(*args))
     ev = B.gpu_kernels(lambda: jax.block_until_ready(run(*args)))
@@ -168,7 +207,7 @@ def measure(run, *args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--links", type=int, default=32)
-    ap.add_argument("--modes", default="current,fold,fold2,current")
+    ap.add_argument("--modes", default="current,fold,fold2,current,fp16,fp16-fold,fp16-fold2,fp16")
     args = ap.parse_args()
     hid, inter = 4096, 11008
     shapes = [(hid, hid), (hid, 2 * inter), (inter, hid)]
@@ -180,19 +219,22 @@ def main():
     g = (1.0 + 0.1 * jax.random.normal(jax.random.key(8), (hid,), jnp.float32)).astype(jnp.float16)
     print(f"link weights {per / 1e6:.1f} MB x {c} copies; splits "
           f"{[D.choose_config(w, 1).split_k for w in w0]}", flush=True)
+    wd16 = [tuple(jax.random.normal(jax.random.key(10 * i + j), (k, n), jnp.float16) * 0.02
+                  for j, (k, n) in enumerate(shapes)) for i in range(2)]
     outs = {}
     rows = []
     for mode in args.modes.split(","):
-        run = chain(ws, args.links, mode, inter)
-        span, names, nk = measure(run, ws, res, g)
-        outs.setdefault(mode, run(ws, res, g))
+        fp16 = mode.startswith("fp16")
+        run = (chain_fp16 if fp16 else chain)(wd16 if fp16 else ws, args.links, mode, inter)
+        span, names, nk = measure(run, wd16 if fp16 else ws, res, g)
+        outs.setdefault(mode, run(wd16 if fp16 else ws, res, g))
         print(f"{mode:8s} {span / args.links:7.2f} us per link, {nk / args.links:.1f} kernels per link", flush=True)
         for k_, v in names.items():
             print(f"    {k_:32s} x{len(v) / args.links:4.1f}/link {sum(v) / len(v):6.2f} us", flush=True)
         rows.append((mode, span / args.links, nk / args.links))
     # the chains compute the same thing up to rounding: compare the residual streams
-    base = outs["current"][0].astype(jnp.float32)
     for mode, o in outs.items():
+        base = outs["fp16" if mode.startswith("fp16") else "current"][0].astype(jnp.float32)
         d = float(jnp.max(jnp.abs(o[0].astype(jnp.float32) - base)) / jnp.max(jnp.abs(base)))
         print(f"{mode}: residual max rel. diff vs current {d:.2e}", flush=True)
     print("\n| chain | us per link | kernels per link |\n|---|---:|---:|")
