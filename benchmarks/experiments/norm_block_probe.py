@@ -174,12 +174,13 @@ def chain_fp16(ws, links: int, mode: str, inter: int):
                 a = jax.nn.silu(y[:, :inter]) * y[:, inter:]
                 res = res + a @ wd
                 x = xla_norm(res, g)
-            elif mode == "fp16-fold":
-                yo = jnp.dot(x, wo, preferred_element_type=jnp.float32)
+            elif mode in ("fp16-fold", "fp16-fold16"):
+                acc = jnp.float32 if mode == "fp16-fold" else jnp.float16
+                yo = jnp.dot(x, wo, preferred_element_type=acc).astype(jnp.float32)
                 res = res + (yo if rr is None else yo * rr).astype(res.dtype)
                 hf = res.astype(jnp.float32)
                 rr = jax.lax.rsqrt(jnp.mean(hf * hf, -1, keepdims=True) + EPS)
-                y = (jnp.dot(g * res, wgu, preferred_element_type=jnp.float32) * rr).astype(res.dtype)
+                y = (jnp.dot(g * res, wgu, preferred_element_type=acc).astype(jnp.float32) * rr).astype(res.dtype)
                 a = jax.nn.silu(y[:, :inter]) * y[:, inter:]
                 res = res + a @ wd
                 hf = res.astype(jnp.float32)
