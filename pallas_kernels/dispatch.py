@@ -237,8 +237,13 @@ def gptq_linear(
     backend: Literal["pallas", "interpret", "xla"] | None = None,
     config: KernelConfig | None = None,
     out_dtype=None,
+    partials: bool = False,
 ) -> jax.Array:
     """y = x @ dequant(w) (+ bias): x (..., K) -> (..., N) in out_dtype (default x.dtype), fp32 accumulation.
+
+    partials=True (inference; no bias, no gradient): the float32 split-K partial sums (S, ..., N) of x @ W, whose
+    sum over the first axis is the product (S = 1 on paths that do not split K), for consumers that sum them
+    anyway (pallas_kernels.norm_fold, the decode attention): the XLA kernel that would sum them disappears.
 
     backend: None picks "pallas" on a GPU for fp16/bf16 x and "xla" (the reference) otherwise; "interpret" runs
     the Triton-lowered Pallas kernel in the interpreter (tests). config (a Triton `KernelConfig`) overrides the
@@ -256,24 +261,35 @@ def gptq_linear(
         backend = "pallas" if jax.default_backend() == "gpu" and kernel_dtype else "xla"
     if backend not in ("pallas", "interpret", "xla"):
         raise ValueError(f"backend={backend!r}: use 'pallas', 'interpret' or 'xla'")
+    if partials:
+        if bias is not None:
+            raise ValueError("partials=True returns the bare x @ W partial sums: add the bias in the consumer")
+        if m == 0:
+            return jnp.zeros((1, *lead, n), jnp.float32)
+        p = _forward(x2, w, None, backend if kernel_dtype else "xla", config, jnp.float32, partials=True)
+        return p.reshape(p.shape[0], *lead, n)
     if m == 0:
         return jnp.zeros((*lead, n), out_dtype)
     y = _linear_fn(backend if kernel_dtype else "xla", config, out_dtype, bias is not None)(x2, w, bias)
     return y.reshape(*lead, n)
 
 
-def _forward(x2: jax.Array, w: GPTQWeight, bias, backend: str, config: KernelConfig | None, out_dtype) -> jax.Array:
+def _forward(x2: jax.Array, w: GPTQWeight, bias, backend: str, config: KernelConfig | None, out_dtype,
+             partials: bool = False) -> jax.Array:
+    """x2 (M, K) -> (M, N) in out_dtype, or with partials=True the float32 partial sums (S, M, N)."""
+    one = (lambda y: y[None]) if partials else (lambda y: y)
     if backend == "xla":  # fp16/bf16 x: dequantize into x's dtype, as Linear and the GPU prefill path do
         half = x2.dtype in (jnp.float16, jnp.bfloat16)
-        return reference(x2, w, bias, out_dtype=out_dtype, dense_dtype=x2.dtype if half else None)
+        return one(reference(x2, w, bias, out_dtype=out_dtype, dense_dtype=x2.dtype if half else None))
     if config is None and backend == "pallas" and _hopper():
         wcfg = choose_wgmma(w, x2.shape[0], x2.dtype)
         if wcfg is not None:
-            return matmul_wgmma.gptq_matmul_wgmma(x2, w, bias, config=wcfg, out_dtype=out_dtype)
+            return matmul_wgmma.gptq_matmul_wgmma(x2, w, bias, config=wcfg, out_dtype=out_dtype, partials=partials)
     cfg = config or choose_config(w, x2.shape[0])
     if cfg is None:
-        return reference(x2, w, bias, out_dtype=out_dtype, dense_dtype=x2.dtype)
-    return gptq_matmul(x2, w, bias, config=cfg, interpret=backend == "interpret", out_dtype=out_dtype)
+        return one(reference(x2, w, bias, out_dtype=out_dtype, dense_dtype=x2.dtype))
+    return gptq_matmul(x2, w, bias, config=cfg, interpret=backend == "interpret", out_dtype=out_dtype,
+                       partials=partials)
 
 
 def _backward_x(dy: jax.Array, w: GPTQWeight, backend: str, x_dtype) -> jax.Array:

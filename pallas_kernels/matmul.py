@@ -895,7 +895,7 @@ def poison_output(args: list[jax.Array], out_shape: jax.ShapeDtypeStruct) -> tup
 # once per argument shapes and static arguments within a program, where each bare pallas_call site is lowered
 # (and its kernel module built) anew: about 0.15 s per Triton call and 0.7 s per Mosaic GPU call on a CPU core
 # (a 32-layer model's prefill holds 128 such calls).
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "out_dtype", "poison"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "out_dtype", "poison", "partials"))
 def gptq_matmul(
     x: jax.Array,
     w: GPTQWeight,
@@ -905,8 +905,12 @@ def gptq_matmul(
     interpret: bool = False,
     out_dtype=None,
     poison: bool = False,
+    partials: bool = False,
 ) -> jax.Array:
     """Pallas kernel: x (M, K) fp16/bf16 -> x @ dequant(w) + bias, (M, N) in out_dtype (default x.dtype).
+
+    partials=True (no bias): the kernel's float32 split-K partial sums (S, M, N) unsummed, S = the K splits (1
+    when unsplit), for a consumer that sums them itself (pallas_kernels.norm_fold, the decode attention).
 
     interpret=True runs the kernel in Pallas' interpreter (CPU tests); arrays are then padded to whole blocks so
     the interpreter never slices out of bounds, while the kernel's masks still use the true M, K and N.
@@ -918,7 +922,9 @@ def gptq_matmul(
     if x.dtype not in (jnp.float16, jnp.bfloat16):
         raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
     cfg = config
-    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if partials and bias is not None:
+        raise ValueError("partials=True returns the bare x @ W partial sums: add the bias in the consumer")
+    out_dtype = jnp.dtype(jnp.float32 if partials else (out_dtype or x.dtype))
     m, k = x.shape
     n, kp, np_ = w.out_features, w.k_pad, w.n_pad
     bm, bn = cfg.block_m, cfg.block_n
@@ -991,6 +997,8 @@ def gptq_matmul(
         name=f"gptq{w.bits}_{cfg.mode}",
     )
     out = call(*args)
+    if partials:
+        return out[:, :m, :n] if partial else out[None, :m, :n]
     if partial:
         y = jnp.sum(out, axis=0)[:m, :n]
         if bias is not None:

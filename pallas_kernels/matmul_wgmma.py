@@ -266,10 +266,13 @@ def _dequant_fn(dtype, group_size: int, has_zeros: bool):
     return fn
 
 
-@functools.partial(jax.jit, static_argnames=("config", "out_dtype"))  # see gptq_matmul: one lowering per shape
+@functools.partial(jax.jit, static_argnames=("config", "out_dtype", "partials"))  # see gptq_matmul
 def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None, *,
-                      config: WgmmaConfig = WgmmaConfig(), out_dtype=None) -> jax.Array:
-    """x (M, K) fp16/bf16 -> x @ dequant(w) + bias, (M, N) in out_dtype (default x.dtype). Hopper GPUs only."""
+                      config: WgmmaConfig = WgmmaConfig(), out_dtype=None, partials: bool = False) -> jax.Array:
+    """x (M, K) fp16/bf16 -> x @ dequant(w) + bias, (M, N) in out_dtype (default x.dtype). Hopper GPUs only.
+    partials=True (no bias): the float32 split-K partial sums (S, M, N) unsummed (as `matmul.gptq_matmul`)."""
+    if partials and bias is not None:
+        raise ValueError("partials=True returns the bare x @ W partial sums: add the bias in the consumer")
     if not supported(w, x.dtype):
         raise ValueError(f"the wgmma kernel does not run this weight (bits={w.bits}, group_size={w.group_size}, "
                          f"parts={w.parts}, x dtype {x.dtype}); see matmul_wgmma.supported")
@@ -277,7 +280,7 @@ def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None
         raise ValueError(f"x must have shape (M, K={w.in_features}), got {x.shape}")
     cfg = config
     dtype = x.dtype
-    out_dtype = jnp.dtype(out_dtype or dtype)
+    out_dtype = jnp.dtype(jnp.float32 if partials else (out_dtype or dtype))
     m = x.shape[0]
     bm, t, tn = cfg.block_m, cfg.tiles_per_stage, cfg.tiles_n
     m_pad = -(-m // bm) * bm
@@ -382,6 +385,8 @@ def gptq_matmul_wgmma(x: jax.Array, w: GPTQWeight, bias: jax.Array | None = None
     )
     args = [w.planes[0], xp, scales] + ([zeros] if has_zeros else [])
     yt = call(*args)
+    if partials:
+        return jnp.swapaxes(yt[:, :w.out_features, :m], 1, 2)
     yt = jnp.sum(yt.astype(jnp.float32), axis=0) if splits > 1 else yt[0]
     y = yt[:w.out_features, :m].T
     if bias is not None:

@@ -298,6 +298,25 @@ def test_gptq_linear_dispatch(backend, m):
     check(y.reshape(m, 160), x, w64, "bf16", t["bias"])
 
 
+@pytest.mark.parametrize("backend", ["xla", "interpret"] + (["pallas"] if ON_GPU else []))
+@pytest.mark.parametrize("m,split", [(1, 3), (2, 1), (16, 2)])
+def test_gptq_linear_partials(backend, m, split):
+    """partials=True: float32 split-K partial sums (S, ..., N) whose sum is x @ W (float64); S = 1 on the XLA
+    reference; a bias is refused (the consumer adds it)."""
+    t, w64 = make_layer(5, 4, 1024, 256, 128, True, True)
+    w = prep(t, 4)
+    x = rand_x(m, m, 1024, jnp.float16)
+    cfg = None
+    if backend != "xla":
+        cfg = dataclasses.replace(D.choose_config(w, m) or KernelConfig(mode="dot", block_m=16), split_k=split)
+    p = gptq_linear(x.reshape(1, m, 1024), w, backend=backend, config=cfg, partials=True)
+    want_s = 1 if backend == "xla" else split
+    assert p.shape == (want_s, 1, m, 256) and p.dtype == jnp.float32
+    check(jnp.sum(p, axis=0).reshape(m, 256), x, w64, "fp16")
+    with pytest.raises(ValueError, match="partial sums"):
+        gptq_linear(x, w, jnp.zeros((256,), jnp.float16), backend=backend, partials=True)
+
+
 @pytest.mark.parametrize("backend", ["interpret"] + (["pallas"] if ON_GPU else []))
 @pytest.mark.parametrize("bits", [3, 8])
 def test_gptq_linear_m1_own_rule(backend, bits):

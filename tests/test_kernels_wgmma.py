@@ -220,6 +220,21 @@ def test_compiled_kernel_against_float64(k, n, m, group, sym, act, dtype_name, c
 
 
 @needs_hopper
+@pytest.mark.parametrize("m,cfg", [(16, W.WgmmaConfig(block_m=16, tiles_per_stage=4, split_k=3)),
+                                   (40, W.WgmmaConfig(block_m=64))])
+def test_compiled_kernel_partials(m, cfg):
+    """partials=True: float32 (S, M, N) split-K partial sums whose sum is x @ W (float64); a bias is refused."""
+    t, w64 = make_layer(5, 4, 1536, 288, 32, False, True)
+    w = prep(t, 4)
+    x = rand_x(6, m, 1536, jnp.float16)
+    p = W.gptq_matmul_wgmma(x, w, config=cfg, partials=True)
+    assert p.shape == (cfg.split_k, m, 288) and p.dtype == jnp.float32
+    check(jnp.sum(p, axis=0), x, w64, "fp16")
+    with pytest.raises(ValueError, match="partial sums"):
+        W.gptq_matmul_wgmma(x, w, jnp.zeros((288,), jnp.float16), config=cfg, partials=True)
+
+
+@needs_hopper
 def test_gptq_linear_takes_the_wgmma_kernel():
     t, w64 = make_layer(8, 4, 1024, 640, 128, False, True)
     w = prep(t, 4)
