@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU correctness suite: tests/test_kernels.py, tests/test_kernels_wgmma.py and tests/test_attention.py with the kernels compiled (jax.default_backend() == "gpu"), in
+# GPU correctness suite: tests/test_kernels.py, tests/test_kernels_wgmma.py, tests/test_attention.py and
+# tests/test_norm_fold.py with the kernels compiled (jax.default_backend() == "gpu"), in
 # parallel processes. Run from the repository root on a CUDA machine:  bash tests/gpu/run_gpu_tests.sh
 set -euo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
@@ -9,4 +10,5 @@ if [ -z "${GPTQ_JAX_SHARED_DATA:-}" ] && [ ! -f ../shared/data/SOURCES.md ] && [
 fi
 PY=${PYTHON:-python3}
 NPROC=${NPROC:-8}
-PYTHONPATH=. $PY -m pytest -q -p no:cacheprovider -n "$NPROC" tests/test_kernels.py tests/test_kernels_wgmma.py tests/test_attention.py "$@"
+PYTHONPATH=. $PY -m pytest -q -p no:cacheprovider -n "$NPROC" tests/test_kernels.py tests/test_kernels_wgmma.py tests/test_attention.py \
+  tests/test_norm_fold.py "$@"
