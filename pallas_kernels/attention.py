@@ -6,8 +6,11 @@ probabilities x values) of 1.5-3.7 us each on the H100, about 0.3 ms of a 7B mod
 `decode_attention` does it in one kernel (plus one small XLA combine when the cache is split):
 
 * input: the new token's projections q | k | v as one row (B, (H + 2 KV) D), as the fused q/k/v linear writes it,
-  and the rotary cos/sin of its position; the kernel applies the rotary embedding to q and k itself (in float32,
-  rounded once), so no XLA kernels slice the projections or rotate them;
+  or that linear's split-K partial sums (S, B, (H + 2 KV) D) with the sums of squares of the RMSNorm whose scale
+  r the projection still owes (the folded decode step, `pallas_kernels.norm_fold`): the kernel then sums them,
+  applies r and rounds, so no XLA kernel sums the partials; and the rotary cos/sin of the position; the kernel
+  applies the rotary embedding to q and k itself (in float32, rounded once), so no XLA kernels slice the
+  projections or rotate them;
 * grid (B, kv_heads, splits): a program takes one row, one key/value head and its `g = heads / kv_heads` query
   heads (GQA; rows padded to the 16-row dot minimum and masked), and a contiguous share of the live cache blocks,
   those holding slots start - window < s < start (a long preallocated cache is read only as far as it is filled);
@@ -41,7 +44,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.matmul import compiler_params
 
 __all__ = ["AttentionConfig", "apply_rotary", "attention_reference", "cache_attention_mask", "decode_attention",
-           "decode_attention_reference", "split_qkv", "write_cache"]
+           "decode_attention_reference", "qkv_from_partials", "split_qkv", "write_cache"]
 
 _MASKED = float(np.finfo(np.float32).min)
 
@@ -156,27 +159,47 @@ class _Static:
     splits: int
     window: int | None
     scale: float
+    parts: int = 0  # > 0: qkv arrives as that many float32 split-K partials, scaled by the input norm's r
+    norm_n: int = 0  # the norm's row width (r = rsqrt(sum(ssq) / norm_n + eps))
+    norm_eps: float = 0.0
 
 
-def _kernel(start_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, valid_ref, *outs, st: _Static):
+def _kernel(start_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, valid_ref, *rest, st: _Static):
+    ssq_ref, outs = (rest[0], rest[1:]) if st.parts else (None, rest)
     b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start = start_ref[0]
     hd = st.d // 2
     lo, hi = pl.ds(0, hd), pl.ds(hd, hd)
     rows = jax.lax.broadcasted_iota(jnp.int32, (st.rows,), 0)
     row_ok = rows < st.g
-    dtype = qkv_ref.dtype
+    dtype = kc_ref.dtype
     cos_lo, cos_hi, sin_lo, sin_hi = cos_ref[b, lo], cos_ref[b, hi], sin_ref[b, lo], sin_ref[b, hi]
+
+    if st.parts:  # q | k | v = r * (sum of the partials), rounded to the compute dtype (as the XLA reference)
+        r = jax.lax.rsqrt(jnp.sum(ssq_ref[b, :]) / st.norm_n + st.norm_eps)
+
+        def fetch(heads, cols, mask=None):
+            acc = None
+            for i in range(st.parts):
+                i = jnp.int32(i)  # an array index (a Python int in `.at` trips plgpu.load)
+                v = (plgpu.load(qkv_ref.at[i, b, heads, cols], mask=mask, other=0) if mask is not None
+                     else qkv_ref[i, b, heads, cols])
+                acc = v if acc is None else acc + v
+            return (acc * r).astype(dtype)
+    else:
+        def fetch(heads, cols, mask=None):
+            if mask is not None:
+                return plgpu.load(qkv_ref.at[b, heads, cols], mask=mask, other=0)
+            return qkv_ref[b, heads, cols]
 
     def rotary(x_lo, x_hi):  # HF rotate_half: (lo, hi) -> (lo cos - hi sin, hi cos + lo sin), f32, rounded once
         x_lo, x_hi = x_lo.astype(jnp.float32), x_hi.astype(jnp.float32)
         return ((x_lo * cos_lo - x_hi * sin_lo).astype(dtype), (x_hi * cos_hi + x_lo * sin_hi).astype(dtype))
 
     q_rows = pl.ds(h * st.g, st.rows)
-    q_lo, q_hi = rotary(plgpu.load(qkv_ref.at[b, q_rows, lo], mask=row_ok[:, None], other=0),
-                        plgpu.load(qkv_ref.at[b, q_rows, hi], mask=row_ok[:, None], other=0))
-    kn_lo, kn_hi = rotary(qkv_ref[b, st.nh + h, lo], qkv_ref[b, st.nh + h, hi])
-    vn = qkv_ref[b, st.nh + st.kv + h, :]
+    q_lo, q_hi = rotary(fetch(q_rows, lo, row_ok[:, None]), fetch(q_rows, hi, row_ok[:, None]))
+    kn_lo, kn_hi = rotary(fetch(st.nh + h, lo), fetch(st.nh + h, hi))
+    vn = fetch(st.nh + st.kv + h, pl.ds(0, st.d))
 
     # the new token (split 0 only; always attended when its slot is valid)
     in_cache = start < st.s  # callers keep start inside the cache; never read or write past it regardless
@@ -256,37 +279,41 @@ def _splits_for(cfg: AttentionConfig, b: int, kv: int, s: int) -> int:
 
 # Jitted so that a model's per-layer calls (same shapes and config) lower to one kernel, as gptq_matmul. The cache
 # operands alias the cache outputs inside; the caller's buffers are donated by its own jit.
-@functools.partial(jax.jit, static_argnames=("sliding_window", "num_heads", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sliding_window", "num_heads", "config", "interpret", "norm_size",
+                                             "norm_eps"))
 def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array,
                             v_cache: jax.Array, kv_valid: jax.Array, start: jax.Array,
                             sliding_window: int | None = None, *, num_heads: int,
-                            config: AttentionConfig = AttentionConfig(),
-                            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The Pallas kernel; arguments and result as `decode_attention_reference` (qkv and the caches in one 16-bit
-    dtype; head_dim a multiple of 32)."""
-    b = qkv.shape[0]
+                            config: AttentionConfig = AttentionConfig(), interpret: bool = False,
+                            ssq: jax.Array | None = None, norm_size: int = 0,
+                            norm_eps: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The Pallas kernel; arguments and result as `decode_attention` (the caches in a 16-bit dtype, qkv in it
+    too or float32 partials; head_dim a multiple of 32)."""
+    parts = qkv.shape[0] if qkv.ndim == 3 else 0
+    b = qkv.shape[-2]
     _, s, kv, d = k_cache.shape
     nh = num_heads
     g = nh // kv
     rows = max(16, 1 << (g - 1).bit_length())
     splits = _splits_for(config, b, kv, s)
     st = _Static(s=s, nh=nh, kv=kv, g=g, rows=rows, d=d, block_k=config.block_k, splits=splits,
-                 window=sliding_window, scale=float(d ** -0.5))
+                 window=sliding_window, scale=float(d ** -0.5), parts=parts, norm_n=norm_size, norm_eps=norm_eps)
     start_arr = jnp.asarray(start, jnp.int32).reshape(1)
     valid = kv_valid.astype(jnp.int32)
-    heads = qkv.reshape(b, nh + 2 * kv, d)  # free: the row is q | k | v heads of d
+    heads = qkv.reshape(*qkv.shape[:-1], nh + 2 * kv, d)  # free: the row is q | k | v heads of d
     cos, sin = cos.astype(jnp.float32), sin.astype(jnp.float32)
     if interpret:  # whole blocks for the interpreter (it clamps out-of-range slices instead of masking)
         nblk = -(-s // config.block_k) * config.block_k
-        heads = jnp.pad(heads, ((0, 0), (0, rows), (0, 0)))
+        heads = jnp.pad(heads, ((0, 0),) * (heads.ndim - 2) + ((0, rows), (0, 0)))
         valid = jnp.pad(valid, ((0, 0), (0, nblk - s)))
         pad = ((0, 0), (0, nblk - s), (0, 0), (0, 0))
         k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
     cache_shapes = [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                     jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+    dtype = k_cache.dtype
     if splits == 1:
         out_rows = nh + (rows if interpret else 0)
-        out_shape = [jax.ShapeDtypeStruct((b, out_rows, d), qkv.dtype), *cache_shapes]
+        out_shape = [jax.ShapeDtypeStruct((b, out_rows, d), dtype), *cache_shapes]
         first_cache_out = 1
     else:
         out_shape = [jax.ShapeDtypeStruct((b, kv, splits, rows, d), jnp.float32),
@@ -301,7 +328,7 @@ def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_ca
         compiler_params=None if interpret else compiler_params(config.num_warps, config.num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(start_arr, heads, cos, sin, k_cache, v_cache, valid)
+    )(start_arr, heads, cos, sin, k_cache, v_cache, valid, *([ssq.astype(jnp.float32)] if parts else []))
     k_out, v_out = outs[first_cache_out], outs[first_cache_out + 1]
     if interpret:
         k_out, v_out = k_out[:, :s], v_out[:, :s]
@@ -312,43 +339,66 @@ def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_ca
     w = jnp.exp(m - mx)
     den = jnp.sum(w * l, axis=2)
     num = jnp.sum(w[..., None] * acc, axis=2)
-    out = (num / den[..., None])[:, :, :g].astype(qkv.dtype)  # (B, KV, g, D)
+    out = (num / den[..., None])[:, :, :g].astype(dtype)  # (B, KV, g, D)
     return out.reshape(b, nh, d), k_out, v_out
+
+
+def qkv_from_partials(partials: jax.Array, ssq: jax.Array, norm_size: int, norm_eps: float, dtype) -> jax.Array:
+    """XLA: q | k | v rows (B, W) in dtype from float32 split-K partials (S, B, W) of a projection that read g * h
+    of an RMSNorm with sums of squares ssq (B, blocks) over rows of norm_size values (pallas_kernels.norm_fold):
+    (r * sum of the partials), r = rsqrt(sum(ssq) / norm_size + eps)."""
+    r = jax.lax.rsqrt(jnp.sum(ssq.astype(jnp.float32), axis=-1, keepdims=True) / norm_size + norm_eps)
+    return (jnp.sum(partials.astype(jnp.float32), axis=0) * r).astype(dtype)
 
 
 def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      kv_valid: jax.Array, start: jax.Array, sliding_window: int | None = None, *, num_heads: int,
                      backend: Literal["pallas", "interpret", "xla"] | None = None,
-                     config: AttentionConfig | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     config: AttentionConfig | None = None, ssq: jax.Array | None = None, norm_size: int = 0,
+                     norm_eps: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention: rotate the new token's q and k, write its k/v at cache slot `start`, attend
     over the cache.
 
     qkv (B, (H + 2 KV) D): the new token's q | k | v projections (before rotary; H = num_heads, KV and D from the
-    caches); cos, sin (B, D) float32: the rotary table at each row's position; k_cache, v_cache (B, S, KV, D);
-    kv_valid (B, S) 0/1 (slots holding real tokens); start: int32 scalar, the new token's slot (the same for
-    every row). Slot s is attended when s <= start, kv_valid[b, s] and, with a sliding window, s > start - window.
-    Returns (out (B, H, D) in qkv's dtype, updated k_cache, updated v_cache).
+    caches), or their split-K partials (S, B, (H + 2 KV) D; float32, or one in the compute dtype from a dense
+    dot) from a projection that read g * h of an
+    RMSNorm whose scale r it still owes (`pallas_kernels.norm_fold`): then ssq (B, blocks), norm_size and
+    norm_eps give r, and the rows are `qkv_from_partials`. cos, sin (B, D) float32: the rotary table at each
+    row's position; k_cache, v_cache (B, S, KV, D); kv_valid (B, S) 0/1 (slots holding real tokens); start: int32
+    scalar, the new token's slot (the same for every row). Slot s is attended when s <= start, kv_valid[b, s]
+    and, with a sliding window, s > start - window. Returns (out (B, H, D) in the caches' dtype, updated k_cache,
+    updated v_cache).
 
-    backend: None picks "pallas" on a GPU when qkv and the caches share a 16-bit dtype and D is a multiple of 32,
-    "xla" (the reference) otherwise; "interpret" runs the kernel in Pallas' interpreter (tests).
+    backend: None picks "pallas" on a GPU when the caches (and a row qkv) share a 16-bit dtype and D is a
+    multiple of 32, "xla" (the reference) otherwise; "interpret" runs the kernel in Pallas' interpreter (tests).
     """
-    if qkv.ndim != 2 or cos.shape != sin.shape or cos.ndim != 2 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"decode_attention wants qkv (B, (H + 2 KV) D), cos and sin (B, D), caches (B, S, KV, D); "
-                         f"got {qkv.shape}, {cos.shape}, {sin.shape}, {k_cache.shape}, {v_cache.shape}")
+    partial = qkv.ndim == 3
+    if (qkv.ndim not in (2, 3) or cos.shape != sin.shape or cos.ndim != 2 or k_cache.ndim != 4
+            or v_cache.shape != k_cache.shape):
+        raise ValueError(f"decode_attention wants qkv (B, (H + 2 KV) D) or partials (S, B, (H + 2 KV) D), cos and "
+                         f"sin (B, D), caches (B, S, KV, D); got {qkv.shape}, {cos.shape}, {sin.shape}, "
+                         f"{k_cache.shape}, {v_cache.shape}")
     b, s, kv, d = k_cache.shape
     if num_heads % kv:
         raise ValueError(f"{num_heads} query heads are not a multiple of {kv} kv heads")
-    if qkv.shape != (b, (num_heads + 2 * kv) * d) or cos.shape != (b, d):
+    if qkv.shape[-2:] != (b, (num_heads + 2 * kv) * d) or cos.shape != (b, d):
         raise ValueError(f"qkv {qkv.shape} / cos {cos.shape} do not fit {num_heads} query heads and caches "
                          f"{k_cache.shape}: want qkv {(b, (num_heads + 2 * kv) * d)}, cos {(b, d)}")
-    dtypes = {jnp.dtype(a.dtype) for a in (qkv, k_cache, v_cache)}
+    if partial and (ssq is None or ssq.ndim != 2 or ssq.shape[0] != b or norm_size < 1):
+        raise ValueError(f"qkv partials {qkv.shape} need the norm's ssq (B={b}, blocks) and norm_size >= 1; got "
+                         f"{None if ssq is None else ssq.shape}, {norm_size}")
+    dtypes = {jnp.dtype(a.dtype) for a in ((k_cache, v_cache) if partial else (qkv, k_cache, v_cache))}
     ok = len(dtypes) == 1 and dtypes.pop() in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)) and d % 32 == 0
     if backend is None:
         backend = "pallas" if jax.default_backend() == "gpu" and ok else "xla"
     if backend not in ("pallas", "interpret", "xla"):
         raise ValueError(f"backend={backend!r}: use 'pallas', 'interpret' or 'xla'")
-    args = (qkv, cos, sin, k_cache, v_cache, kv_valid, start, sliding_window)
     if backend == "xla" or not ok:
-        return decode_attention_reference(*args, num_heads=num_heads)
-    return decode_attention_pallas(*args, num_heads=num_heads, config=config or AttentionConfig(),
-                                   interpret=backend == "interpret")
+        if partial:
+            qkv = qkv_from_partials(qkv, ssq, norm_size, norm_eps, k_cache.dtype)
+        return decode_attention_reference(qkv, cos, sin, k_cache, v_cache, kv_valid, start, sliding_window,
+                                          num_heads=num_heads)
+    norm = dict(ssq=ssq, norm_size=norm_size, norm_eps=float(norm_eps)) if partial else {}
+    return decode_attention_pallas(qkv, cos, sin, k_cache, v_cache, kv_valid, start, sliding_window,
+                                   num_heads=num_heads, config=config or AttentionConfig(),
+                                   interpret=backend == "interpret", **norm)

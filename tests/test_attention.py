@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.attention import AttentionConfig, decode_attention
+from pallas_kernels.attention import AttentionConfig, decode_attention, qkv_from_partials
 
 BACKEND = "pallas" if jax.default_backend() == "gpu" else "interpret"
 
@@ -157,6 +157,33 @@ def test_kernel_matches_reference_closely():
     assert (kd <= 2.0 ** -10 * np.abs(np.asarray(kr, np.float32)) + 1e-6).all(), kd.max()
 
 
+@pytest.mark.parametrize("parts,dtype,splits", [(3, jnp.float16, 2), (1, jnp.bfloat16, None), (5, jnp.float16, 1)])
+def test_kernel_takes_qkv_partials_and_norm_scale(parts, dtype, splits):
+    """qkv as float32 split-K partials of a projection that read g * h (pallas_kernels.norm_fold): the kernel
+    sums them, applies the norm's r and rounds, as `qkv_from_partials` does before the row path; against float64
+    on the same rows and against the XLA reference."""
+    qkv, cos, sin, kc, vc, valid = make_case(3, 2, 8, 2, 64, 96, 57, dtype, (0, 11))
+    rng = np.random.default_rng(4)
+    p = jnp.asarray(rng.standard_normal((parts, *qkv.shape)) * (4 / np.sqrt(parts)), jnp.float32)
+    ssq = jnp.asarray(np.abs(rng.standard_normal((2, 4))) * 300 + 100, jnp.float32)
+    norm = dict(ssq=ssq, norm_size=256, norm_eps=1e-5)
+    rows = qkv_from_partials(p, ssq, 256, 1e-5, dtype)
+    kw = dict(num_heads=8, config=AttentionConfig(block_k=32, splits=splits))
+    a, ka, va = decode_attention(p, cos, sin, kc, vc, valid, jnp.int32(57), backend=BACKEND, **kw, **norm)
+    ar, kar, _ = decode_attention(rows, cos, sin, kc, vc, valid, jnp.int32(57), backend=BACKEND, **kw)
+    x, kx, _ = decode_attention(p, cos, sin, kc, vc, valid, jnp.int32(57), backend="xla", num_heads=8, **norm)
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(ar, np.float32))
+    np.testing.assert_array_equal(np.asarray(ka, np.float32), np.asarray(kar, np.float32))
+    r = 1 / np.sqrt(np.asarray(ssq, np.float64).sum(-1, keepdims=True) / 256 + 1e-5)
+    want, _, want_v = numpy_decode(np.asarray(p, np.float64).sum(0) * r, cos, sin, kc, vc, valid, 57, None, 8)
+    tol = 3e-2 if dtype == jnp.bfloat16 else 4e-3
+    assert np.abs(np.asarray(a, np.float64) - want).max() <= tol * np.abs(want).max()
+    assert np.abs(np.asarray(va, np.float64)[:, 57] - want_v[:, 57]).max() <= tol * np.abs(want_v[:, 57]).max()
+    assert np.abs(np.asarray(x, np.float32) - np.asarray(a, np.float32)).max() <= tol * np.abs(want).max()
+    with pytest.raises(ValueError, match="need the norm"):
+        decode_attention(p, cos, sin, kc, vc, valid, jnp.int32(57), num_heads=8)
+
+
 def test_auto_backend_on_cpu_is_the_reference():
     qkv, cos, sin, kc, vc, valid = make_case(2, 1, 4, 2, 32, 20, 5, jnp.float32, (0,))
     out = decode_attention(qkv, cos, sin, kc, vc, valid, jnp.int32(5), num_heads=4)[0]  # float32: reference
@@ -171,7 +198,7 @@ def test_bad_input():
         decode_attention(qkv, cos, sin, kc, vc, valid, jnp.int32(2), num_heads=6)
     qkv, cos, sin, kc, vc, valid = make_case(3, 1, 4, 4, 32, 8, 2, jnp.float16, (0,))
     with pytest.raises(ValueError, match="wants qkv"):
-        decode_attention(qkv[:, None], cos, sin, kc, vc, valid, jnp.int32(2), num_heads=4)
+        decode_attention(qkv[:, None, None], cos, sin, kc, vc, valid, jnp.int32(2), num_heads=4)
     with pytest.raises(ValueError, match="do not fit"):
         decode_attention(qkv, cos, sin, kc, vc, valid, jnp.int32(2), num_heads=8)
     with pytest.raises(ValueError, match="backend"):
