@@ -239,6 +239,58 @@ def test_quantized_greedy_equals_dense_dequantized(bits, group_size, act_order):
         assert q[0] == _greedy_recompute(qmodel, prompts[0], 16)
 
 
+@pytest.mark.parametrize("quantized,dtype", [(False, jnp.float16), (True, jnp.float16), (True, jnp.bfloat16)])
+def test_folded_decode_equals_unfolded(quantized, dtype, monkeypatch):
+    """The decode step with every RMSNorm's scale behind its matmul (`LlamaDecoderLayer.decode_folded`, taken for
+    one new token of a fused 16-bit model) computes what the unfolded step does: hidden states and caches within
+    the dtype's rounding over several steps, and the same greedy tokens."""
+    from gptq_jax.models import llama
+    from gptq_jax.models.fusion import fuse_projections
+
+    config, _, layers, other, dense = _random_gptq_tensors(4, 32, False, seed=3)
+    rng = np.random.default_rng(4)
+    for name in other:  # norm weights away from 1, so the weights' place in the fold matters
+        if name.endswith("norm.weight"):
+            other[name] = dense[name] = rng.uniform(0.5, 1.5, other[name].shape).astype(np.float32)
+    if quantized:
+        model = quantized_model_from_state_dict(config, layers, other, bits=4, checkpoint_format="gptq", dtype=dtype)
+    else:
+        model = model_from_state_dict(config, dense, dtype=dtype, param_dtype=dtype)
+    fuse_projections(model)
+    assert all(layer.foldable() for layer in model.model.layers)
+    b, s = 2, 16
+    ids = jnp.asarray(rng.integers(1, config.vocab_size, (b, 1)), jnp.int32)
+    kv_valid = jnp.ones((b, s), jnp.int32)
+    caches0 = tuple((jnp.asarray(rng.normal(size=(b, s, config.num_key_value_heads, config.head_dim)), dtype),
+                     jnp.asarray(rng.normal(size=(b, s, config.num_key_value_heads, config.head_dim)), dtype))
+                    for _ in model.model.layers)
+
+    def steps(fold: bool):
+        monkeypatch.setattr(llama.LlamaDecoderLayer, "foldable", lambda self: fold)
+        caches, outs = caches0, []
+        for t in range(3):
+            pos = jnp.full((b, 1), 5 + t, jnp.int32)
+            hidden, caches = model.hidden_states_cached(ids, pos, kv_valid, caches, jnp.int32(5 + t))
+            outs.append(hidden)
+        return outs, caches
+
+    (h1, c1), (h0, c0) = steps(True), steps(False)
+    tol = 5e-2 if dtype == jnp.bfloat16 else 1e-2
+    for a, r in zip(h1, h0):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        assert np.abs(a - r).max() <= tol * np.abs(r).max()
+    for (k1, v1), (k0, v0) in zip(c1, c0):
+        for x1, x0 in ((k1, k0), (v1, v0)):
+            x1, x0 = np.asarray(x1, np.float32), np.asarray(x0, np.float32)
+            assert np.abs(x1 - x0).max() <= tol * np.abs(x0).max()
+    prompts = [[1, 5, 9, 200, 31], [1, 77, 3, 400, 12, 90, 15, 8]]
+    monkeypatch.setattr(llama.LlamaDecoderLayer, "foldable", lambda self: True)
+    folded, _, _ = G.generate_ids(model, prompts, max_new_tokens=12)
+    monkeypatch.setattr(llama.LlamaDecoderLayer, "foldable", lambda self: False)
+    plain, _, _ = G.generate_ids(model, prompts, max_new_tokens=12)
+    assert folded == plain
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # bad input
 

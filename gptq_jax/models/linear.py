@@ -101,6 +101,16 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.out_dtype or self.dtype)
 
+    def partials(self, x: jax.Array) -> jax.Array:
+        """x @ kernel as one "split-K partial" (1, ..., out_features) in the compute dtype (no bias; the decode
+        step's folded norms sum partials, `pallas_kernels.norm_fold`). The compute dtype, not float32: XLA's
+        16-bit dots are 4-16% slower with float32 outputs (benchmarks/RESULTS.md, twenty-first session)."""
+        if self.bias is not None:
+            raise ValueError("partials() is the bare x @ kernel: this layer has a bias")
+        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return y.astype(self.dtype)[None]
+
     def to_torch_tensors(self) -> dict[str, np.ndarray]:
         """{"weight": (out_features, in_features), "bias": (out_features,)} as numpy, in the param dtype."""
         out = {"weight": np.ascontiguousarray(np.asarray(self.kernel[...]).T)}

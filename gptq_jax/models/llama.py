@@ -25,7 +25,12 @@ preallocated per-layer KV cache ((k, v), each (B, S, kv_heads, head_dim)), writi
 start..start+T-1 and attending over the slots `kv_valid` marks (causal in slot order, sliding window in slot order
 as transformers). A single new token (decode) goes through `pallas_kernels.attention.decode_attention` with its q | k | v
 projection row (on GPUs one Pallas kernel that also applies the rotary embedding and writes the cache; the XLA
-reference elsewhere). The no-cache path is untouched.
+reference elsewhere). For a fused 16-bit model whose projections are bias-free, the decode step folds every
+RMSNorm's scale behind the matmul that reads it (`LlamaDecoderLayer.decode_folded`, `pallas_kernels.norm_fold`:
+RMSNorm(h) @ W = r * ((g * h) @ W)): the projections hand their split-K partial sums to the kernel that applies r
+(the residual + norm block, the SiLU gate, the decode attention), so a layer runs 4 matmuls, the attention and
+its combine, and 3 small kernels instead of 9 (benchmarks/RESULTS.md, twenty-first session). The no-cache path is
+untouched.
 
 Jit: the model is an NNX module; use ``nnx.jit`` or `jit_forward` (nnx.split once + jax.jit); shapes and the
 config are static, so each (B, T) shape compiles once.
@@ -45,6 +50,7 @@ from gptq_jax.models.config import SLIDING_ATTENTION, ModelConfig, rope_frequenc
 from gptq_jax.models.linear import Linear, LinearLike
 from pallas_kernels.attention import (apply_rotary, attention_reference, cache_attention_mask, decode_attention,
                                       split_qkv, write_cache)
+from pallas_kernels.norm_fold import norm_scale, residual_norm, silu_gate
 
 
 class StateDictError(ValueError):
@@ -255,6 +261,34 @@ class LlamaDecoderLayer(nnx.Module):
         h = hidden + a
         return h + self.mlp(self.post_attention_layernorm(h)), cache
 
+    def foldable(self) -> bool:
+        """Whether `decode_folded` can run this block: q/k/v and gate/up fused, every projection bias-free with
+        `partials` (a dense `Linear` or a `QuantLinear`)."""
+        mods = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        return all(m is not None and hasattr(m, "partials") and getattr(m, "bias", None) is None for m in mods)
+
+    def decode_folded(self, h: jax.Array, xg: jax.Array, ssq: jax.Array, positions: jax.Array, kv_valid: jax.Array,
+                      cache: LayerCache, start: jax.Array, next_norm: jax.Array) -> tuple[jax.Array, ...]:
+        """One new token per row with each RMSNorm's scale behind the matmul that reads it (`pallas_kernels.
+        norm_fold`): RMSNorm(h) @ W = r * ((g * h) @ W).
+
+        h (B, hidden): the residual stream; xg = g * h of this block's input norm and ssq (B, blocks) its sums of
+        squares; positions (B,) int; next_norm (hidden,): the weight of the norm after this block (the next
+        block's input norm, or the final one). Returns (h, g' * h, ssq, cache) for that norm.
+        """
+        c = self.config
+        eps, n = c.rms_norm_eps, h.shape[-1]
+        attn, mlp = self.self_attn, self.mlp
+        cos, sin = rotary_cos_sin(c, positions[:, None])
+        out, k_cache, v_cache = decode_attention(attn.qkv_proj.partials(xg), cos[:, 0], sin[:, 0], *cache, kv_valid,
+                                                 start, self.sliding_window, num_heads=attn.num_heads, ssq=ssq,
+                                                 norm_size=n, norm_eps=eps)
+        po = attn.o_proj.partials(out.reshape(h.shape[0], attn.num_heads * attn.head_dim))
+        h, x2, ss2 = residual_norm(po, h, self.post_attention_layernorm.weight[...], eps=eps)
+        a = silu_gate(mlp.gate_up_proj.partials(x2), ss2, n, eps=eps, dtype=h.dtype)
+        h, xg, ssq = residual_norm(mlp.down_proj.partials(a), h, next_norm, eps=eps)
+        return h, xg, ssq, (k_cache, v_cache)
+
 
 class LlamaModel(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype: DTypeLike, param_dtype: DTypeLike, rngs: nnx.Rngs):
@@ -277,13 +311,32 @@ class LlamaModel(nnx.Module):
 
     def cached(self, input_ids: jax.Array, positions: jax.Array, kv_valid: jax.Array,
                caches: tuple[LayerCache, ...], start: jax.Array) -> tuple[jax.Array, tuple[LayerCache, ...]]:
-        """`LlamaDecoderLayer.cached` over every layer -> (final-norm hidden (B, T, hidden), caches)."""
+        """`LlamaDecoderLayer.cached` over every layer -> (final-norm hidden (B, T, hidden), caches). One new token
+        per row (decode) takes `LlamaDecoderLayer.decode_folded` where every block allows it."""
         h = self.embed_tokens(input_ids)
+        if input_ids.shape[1] == 1 and h.dtype in (jnp.float16, jnp.bfloat16) and all(
+                layer.foldable() for layer in self.layers):
+            return self._decode_folded(h[:, 0], positions[:, 0], kv_valid, caches, start)
         out = []
         for layer, cache in zip(self.layers, caches, strict=True):
             h, cache = layer.cached(h, positions, kv_valid, cache, start)
             out.append(cache)
         return self.norm(h), tuple(out)
+
+    def _decode_folded(self, h: jax.Array, positions: jax.Array, kv_valid: jax.Array,
+                       caches: tuple[LayerCache, ...], start: jax.Array) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        """h (B, hidden) embeddings, positions (B,) -> as `cached` for T = 1 (see `decode_folded`)."""
+        n = h.shape[-1]
+        hf = h.astype(jnp.float32)
+        ssq = jnp.sum(hf * hf, axis=-1, keepdims=True)
+        xg = self.layers[0].input_layernorm.weight[...].astype(h.dtype) * h
+        norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        out = []
+        for layer, cache, nxt in zip(self.layers, caches, norms, strict=True):
+            h, xg, ssq, cache = layer.decode_folded(h, xg, ssq, positions, kv_valid, cache, start, nxt.weight[...])
+            out.append(cache)
+        normed = (h.astype(jnp.float32) * norm_scale(ssq, n, self.norm.eps)).astype(self.norm.dtype)
+        return (self.norm.weight[...].astype(self.norm.dtype) * normed)[:, None], tuple(out)
 
 
 class LlamaForCausalLM(nnx.Module):

@@ -184,6 +184,16 @@ class QuantLinear(nnx.Module):
             w = dataclasses.replace(w, perm=None)
         return gptq_linear(x.astype(self.dtype), w, bias, out_dtype=self.out_dtype or self.dtype)
 
+    def partials(self, x: jax.Array) -> jax.Array:
+        """The kernel's float32 split-K partial sums (S, ..., out_features) of x @ W, no bias (`gptq_linear`'s
+        partials=True; the decode step's folded norms and attention sum them)."""
+        if self.bias is not None:
+            raise ValueError("partials() is the bare x @ W: this layer has a bias")
+        w = self.weight()
+        if self.input_permuted:
+            w = dataclasses.replace(w, perm=None)
+        return gptq_linear(x.astype(self.dtype), w, partials=True)
+
     def to_torch_tensors(self) -> dict[str, np.ndarray]:
         """{"qweight", "qzeros", "scales", "g_idx"[, "bias"]} as numpy in the AutoGPTQ layout, zero points encoded
         for `checkpoint_format`, scales in the dtype they were given in."""
