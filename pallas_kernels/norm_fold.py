@@ -5,12 +5,11 @@ RMSNorm(h) @ W = r * ((g * h) @ W), where r = rsqrt(mean(h^2) + eps) is one scal
 So the matmul can read g * h (an element-wise product, computed per column block) and its consumer, which sums the
 split-K partials anyway, applies r. The three small kernels of a norm (split-K sum + residual, sum of squares,
 normalise) become one (`residual_norm`), and the consumer of the normalised projection applies r (`silu_gate` for
-gate/up; the decode attention kernel for q/k/v). benchmarks/RESULTS.md (twenty-first session): -3.9 us per layer
-in a decode-like chain on the H100.
+gate/up; the decode attention kernel for q/k/v). benchmarks/RESULTS.md (twenty-first session): a 7B-shaped 4-bit
+decode step on the H100 runs 9 kernels per layer instead of 14, +7.5% tokens/s.
 
-* `residual_norm(partials, residual, weight, prev_ssq=None)` -> (h, g * h, ssq): partials (S, M, N) are the
-  split-K partial sums of a projection (float32, or S = 1 in the compute dtype from a dense dot); with prev_ssq
-  its input was g' * h' of the previous norm, so its true output is r' * sum_S partials. h = residual + that,
+* `residual_norm(partials, residual, weight)` -> (h, g * h, ssq): partials (S, M, N) are the split-K partial
+  sums of a projection (float32, or S = 1 in the compute dtype from a dense dot); h = residual + their sum,
   rounded to the residual's dtype (as the model rounds); ssq (M, B) float32: sums of h^2 over B column blocks
   (zero-padded to a power of two; B = 1 on the XLA path).
 * `norm_scale(ssq, n, eps)` -> r (M, 1) float32.
@@ -60,16 +59,12 @@ def norm_scale(ssq: jax.Array, n: int, eps: float) -> jax.Array:
 # XLA references
 
 
-def residual_norm_reference(partials: jax.Array, residual: jax.Array, weight: jax.Array,
-                            prev_ssq: jax.Array | None = None, *, eps: float = 1e-6, blocks: int = 1
+def residual_norm_reference(partials: jax.Array, residual: jax.Array, weight: jax.Array, *, blocks: int = 1
                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """XLA: the computation `residual_norm` performs (same roundings); ssq over `blocks` equal column blocks
     (the kernel's: n / block_of(n), zero-padded to a power of two), or the whole row (blocks=1)."""
     m, n = residual.shape
-    y = jnp.sum(partials.astype(jnp.float32), axis=0)
-    if prev_ssq is not None:
-        y = y * norm_scale(prev_ssq, n, eps)
-    h = residual + y.astype(residual.dtype)
+    h = residual + jnp.sum(partials.astype(jnp.float32), axis=0).astype(residual.dtype)
     hf = h.astype(jnp.float32)
     ssq = jnp.sum((hf * hf).reshape(m, blocks, n // blocks), axis=-1)
     if blocks > 1:
@@ -91,18 +86,12 @@ def silu_gate_reference(partials: jax.Array, ssq: jax.Array, n: int, *, eps: flo
 # kernels (grid: (column blocks, rows))
 
 
-def _residual_norm_kernel(*refs, s: int, n: int, block: int, eps: float, has_prev: bool):
-    if has_prev:
-        p_ref, res_ref, g_ref, prev_ref, h_ref, xg_ref, ssq_ref = refs
-    else:
-        (p_ref, res_ref, g_ref, h_ref, xg_ref, ssq_ref), prev_ref = refs, None
+def _residual_norm_kernel(p_ref, res_ref, g_ref, h_ref, xg_ref, ssq_ref, *, s: int, n: int, block: int):
     j, i = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(j * block, block)
     acc = p_ref[0, i, cols].astype(jnp.float32)
     for k in range(1, s):
         acc += p_ref[k, i, cols].astype(jnp.float32)
-    if has_prev:
-        acc = acc * jax.lax.rsqrt(jnp.sum(prev_ref[i, :]) / n + eps)
     h = res_ref[i, cols] + acc.astype(res_ref.dtype)
     h_ref[i, cols] = h
     xg_ref[i, cols] = g_ref[cols].astype(h.dtype) * h
@@ -129,17 +118,16 @@ def _silu_gate_kernel(p_ref, ssq_ref, o_ref, *, s: int, inter: int, n: int, bloc
     o_ref[i, pl.ds(j * block, block)] = (gate * jax.nn.sigmoid(gate) * up).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def residual_norm_pallas(partials, residual, weight, prev_ssq=None, *, eps: float = 1e-6, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def residual_norm_pallas(partials, residual, weight, *, interpret: bool = False):
     s, m, n = partials.shape
     block = block_of(n)
     out = [jax.ShapeDtypeStruct((m, n), residual.dtype), jax.ShapeDtypeStruct((m, n), residual.dtype),
            jax.ShapeDtypeStruct((m, _pow2(n // block)), jnp.float32)]
-    args = (partials, residual, weight) + (() if prev_ssq is None else (prev_ssq,))
     return tuple(pl.pallas_call(
-        functools.partial(_residual_norm_kernel, s=s, n=n, block=block, eps=eps, has_prev=prev_ssq is not None),
+        functools.partial(_residual_norm_kernel, s=s, n=n, block=block),
         out_shape=out, grid=(n // block, m), interpret=interpret,
-        compiler_params=None if interpret else compiler_params(4, 1), name="residual_norm")(*args))
+        compiler_params=None if interpret else compiler_params(4, 1), name="residual_norm")(partials, residual, weight))
 
 
 @functools.partial(jax.jit, static_argnames=("n", "eps", "dtype", "interpret"))
@@ -165,12 +153,12 @@ def _backend(backend, ok: bool, split: bool) -> str:
     return backend if ok else "xla"
 
 
-def residual_norm(partials: jax.Array, residual: jax.Array, weight: jax.Array, prev_ssq: jax.Array | None = None,
-                  *, eps: float = 1e-6, backend: Literal["pallas", "interpret", "xla"] | None = None
+def residual_norm(partials: jax.Array, residual: jax.Array, weight: jax.Array, *,
+                  backend: Literal["pallas", "interpret", "xla"] | None = None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(h, g * h, ssq) from a projection's split-K partials (S, M, N), the residual (M, N), the norm weight g (N,)
-    and, when the projection read the previous norm's g' * h', that norm's ssq. backend None: the Pallas kernel
-    on a GPU for S > 1 and fp16/bf16 (N a multiple of MIN_BLOCK), the XLA reference otherwise."""
+    """(h, g * h, ssq) from a projection's split-K partials (S, M, N), the residual (M, N) and the norm weight g
+    (N,). backend None: the Pallas kernel on a GPU for S > 1 and fp16/bf16 (N a multiple of MIN_BLOCK), the XLA
+    reference otherwise."""
     s, m, n = partials.shape
     if residual.shape != (m, n) or weight.shape != (n,):
         raise ValueError(f"residual_norm: partials {partials.shape}, residual {residual.shape} and weight "
@@ -178,8 +166,8 @@ def residual_norm(partials: jax.Array, residual: jax.Array, weight: jax.Array, p
     ok = residual.dtype in (jnp.float16, jnp.bfloat16) and n % MIN_BLOCK == 0
     b = _backend(backend, ok, s > 1)
     if b == "xla":
-        return residual_norm_reference(partials, residual, weight, prev_ssq, eps=eps)
-    return residual_norm_pallas(partials, residual, weight, prev_ssq, eps=eps, interpret=b == "interpret")
+        return residual_norm_reference(partials, residual, weight)
+    return residual_norm_pallas(partials, residual, weight, interpret=b == "interpret")
 
 
 def silu_gate(partials: jax.Array, ssq: jax.Array, n: int, *, eps: float = 1e-6, dtype=jnp.float16,

@@ -284,9 +284,9 @@ class LlamaDecoderLayer(nnx.Module):
                                                  start, self.sliding_window, num_heads=attn.num_heads, ssq=ssq,
                                                  norm_size=n, norm_eps=eps)
         po = attn.o_proj.partials(out.reshape(h.shape[0], attn.num_heads * attn.head_dim))
-        h, x2, ss2 = residual_norm(po, h, self.post_attention_layernorm.weight[...], eps=eps)
+        h, x2, ss2 = residual_norm(po, h, self.post_attention_layernorm.weight[...])
         a = silu_gate(mlp.gate_up_proj.partials(x2), ss2, n, eps=eps, dtype=h.dtype)
-        h, xg, ssq = residual_norm(mlp.down_proj.partials(a), h, next_norm, eps=eps)
+        h, xg, ssq = residual_norm(mlp.down_proj.partials(a), h, next_norm)
         return h, xg, ssq, (k_cache, v_cache)
 
 
