@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.matmul import compiler_params
+from pallas_kernels.norm_fold import norm_scale
 
 __all__ = ["AttentionConfig", "apply_rotary", "attention_reference", "cache_attention_mask", "decode_attention",
            "decode_attention_reference", "qkv_from_partials", "split_qkv", "write_cache"]
@@ -347,7 +348,7 @@ def qkv_from_partials(partials: jax.Array, ssq: jax.Array, norm_size: int, norm_
     """XLA: q | k | v rows (B, W) in dtype from float32 split-K partials (S, B, W) of a projection that read g * h
     of an RMSNorm with sums of squares ssq (B, blocks) over rows of norm_size values (pallas_kernels.norm_fold):
     (r * sum of the partials), r = rsqrt(sum(ssq) / norm_size + eps)."""
-    r = jax.lax.rsqrt(jnp.sum(ssq.astype(jnp.float32), axis=-1, keepdims=True) / norm_size + norm_eps)
+    r = norm_scale(ssq.astype(jnp.float32), norm_size, norm_eps)
     return (jnp.sum(partials.astype(jnp.float32), axis=0) * r).astype(dtype)
 
 

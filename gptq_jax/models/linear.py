@@ -91,12 +91,7 @@ class Linear(nnx.Module):
         """x (..., in_features) -> (..., out_features) in `out_dtype` (default: the compute dtype)."""
         if self.capture_input:
             self.sow(nnx.Intermediate, INPUTS, x)
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
-            (((x.ndim - 1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
+        y = self._dot(x)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.out_dtype or self.dtype)
@@ -107,9 +102,12 @@ class Linear(nnx.Module):
         16-bit dots are 4-16% slower with float32 outputs (benchmarks/RESULTS.md, twenty-first session)."""
         if self.bias is not None:
             raise ValueError("partials() is the bare x @ kernel: this layer has a bias")
-        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                                (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return y.astype(self.dtype)[None]
+        return self._dot(x).astype(self.dtype)[None]
+
+    def _dot(self, x: jax.Array) -> jax.Array:
+        """x @ kernel in the compute dtype with float32 accumulation -> float32 (..., out_features)."""
+        return jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                   (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     def to_torch_tensors(self) -> dict[str, np.ndarray]:
         """{"weight": (out_features, in_features), "bias": (out_features,)} as numpy, in the param dtype."""

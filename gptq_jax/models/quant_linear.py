@@ -179,20 +179,19 @@ class QuantLinear(nnx.Module):
         if self.capture_input:
             self.sow(nnx.Intermediate, INPUTS, x)
         bias = None if self.bias is None else self.bias[...]
-        w = self.weight()
-        if self.input_permuted:
-            w = dataclasses.replace(w, perm=None)
-        return gptq_linear(x.astype(self.dtype), w, bias, out_dtype=self.out_dtype or self.dtype)
+        return gptq_linear(x.astype(self.dtype), self._kernel_weight(), bias, out_dtype=self.out_dtype or self.dtype)
 
     def partials(self, x: jax.Array) -> jax.Array:
         """The kernel's float32 split-K partial sums (S, ..., out_features) of x @ W, no bias (`gptq_linear`'s
         partials=True; the decode step's folded norms and attention sum them)."""
         if self.bias is not None:
             raise ValueError("partials() is the bare x @ W: this layer has a bias")
+        return gptq_linear(x.astype(self.dtype), self._kernel_weight(), partials=True)
+
+    def _kernel_weight(self) -> GPTQWeight:
+        """The weight as the kernel reads it: without the gather when x arrives permuted (`input_permuted`)."""
         w = self.weight()
-        if self.input_permuted:
-            w = dataclasses.replace(w, perm=None)
-        return gptq_linear(x.astype(self.dtype), w, partials=True)
+        return dataclasses.replace(w, perm=None) if self.input_permuted else w
 
     def to_torch_tensors(self) -> dict[str, np.ndarray]:
         """{"qweight", "qzeros", "scales", "g_idx"[, "bias"]} as numpy in the AutoGPTQ layout, zero points encoded
