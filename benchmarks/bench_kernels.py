@@ -146,8 +146,15 @@ def device_seconds(work) -> float:
 
 
 def torch_time(ws, x, reps: int, trials: int = 3) -> float:
-    """Device seconds per torch.matmul(x, w): reps matmuls (rotating over ws) captured in one CUDA graph, replayed
-    between CUDA events (no host launch in the measured interval); median of `trials` replays."""
+    """Device seconds per torch.matmul(x, w), rotating over the weights ws (torch_graph_time)."""
+    import torch
+
+    return torch_graph_time(lambda w: torch.matmul(x, w), ws, reps, trials)
+
+
+def torch_graph_time(call, ws, reps: int, trials: int = 3) -> float:
+    """Device seconds per call(w): reps calls (rotating over ws) captured in one CUDA graph, replayed between CUDA
+    events (no host launch in the measured interval); median of `trials` replays."""
     import torch
 
     c = len(ws)
@@ -155,12 +162,12 @@ def torch_time(ws, x, reps: int, trials: int = 3) -> float:
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (cuBLAS workspace, heuristics) before capture
         for r in range(c):
-            torch.matmul(x, ws[r])
+            call(ws[r])
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for r in range(reps):
-            torch.matmul(x, ws[r % c])
+            call(ws[r % c])
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -201,6 +208,20 @@ def rotation(bytes_per_copy: int, m: int, k: int, t_guess: float = 20e-6) -> tup
     reps = max(2 * c, min(400, int(3e-3 / t_guess)))
     reps = math.ceil(reps / c) * c
     return c, reps
+
+
+def dense_times(ws_d: list, tws: list | None, xs: list, m: int) -> tuple[float, float]:
+    """Device seconds per fp16 dense (M, K) @ (K, N): XLA `x @ w` over the JAX copies ws_d (xs: (M, K) inputs) and
+    torch.matmul over the torch copies tws (nan when tws is None), rotating over the copies."""
+    k, n = ws_d[0].shape
+    cd = len(ws_d)
+    reps = min(8, max(2, math.ceil(4e-3 / (k * n * 2 / 2.5e12 + 2 * m * k * n / 6e14)))) * cd
+    t_xla = jax_time(lambda x, ww: x @ ww, ws_d, xs[: max(1, reps // cd)], reps)
+    if tws is None:
+        return t_xla, float("nan")
+    import torch
+
+    return t_xla, torch_time(tws, torch.randn(m, k, dtype=torch.float16, device="cuda"), reps)
 
 
 def kernel_fn(cfg: G.KernelConfig | None, out_dtype=None):
@@ -329,9 +350,7 @@ def sweep(args):
         wq = copies_of(w, c)
         for m in ms:
             xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float16) for i in range(8)]
-            reps_d = min(8, max(2, math.ceil(4e-3 / (dense_bytes / 2.5e12)))) * cd
-            t_xla = jax_time(lambda x, ww: x @ ww, ws_d, xs[: max(1, reps_d // cd)], reps_d)
-            t_torch = torch_time(tws, torch.randn(m, k, dtype=torch.float16, device="cuda"), reps_d)
+            t_xla, t_torch = dense_times(ws_d, tws, xs, m)
             best = min(t_xla, t_torch)
             print(f"\n== K={k} N={n} M={m}: fp16 xla {t_xla*1e6:.1f} us, torch {t_torch*1e6:.1f} us; "
                   f"q4 {wb/1e6:.1f} MB (C={c})", flush=True)
@@ -442,10 +461,7 @@ def full(args):
         base = {}
         for m in ms:
             xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float16) for i in range(8)]
-            reps_d = min(8, max(2, math.ceil(4e-3 / (dense_bytes / 2.5e12 + 2 * m * k * n / 6e14)))) * cd
-            t_xla = jax_time(lambda x, ww: x @ ww, ws_d, xs[: max(1, reps_d // cd)], reps_d)
-            t_torch = torch_time(tws, torch.randn(m, k, dtype=torch.float16, device="cuda"), reps_d) if use_torch \
-                else float("nan")
+            t_xla, t_torch = dense_times(ws_d, tws, xs, m)
             best = min(t_xla, t_torch) if use_torch else t_xla
             reps = min(8 * c, max(2 * c, math.ceil(3e-3 / (best / 3) / c) * c))
             t_ours = jax_time(ours, wq, xs, reps)
