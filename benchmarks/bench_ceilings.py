@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.bench_kernels import (  # noqa: E402
-    MIN_BYTES, SHAPES, copies_of, copy_bandwidth, dense_times, jax_time, make_weight, nbytes, parse_shapes,
+    SHAPES, copies_of, copy_bandwidth, copy_count, dense_times, jax_time, make_weight, nbytes, parse_shapes,
     torch_graph_time,
 )
 
@@ -63,18 +63,15 @@ def gptq_bytes(bits: int, k: int, n: int, m: int, group: int = 128) -> int:
 
 
 def read_floor(nbytes: int, use_torch: bool) -> dict[str, float]:
-    """Device seconds per call of read-only kernels over an nbytes array (rotating over copies >= MIN_BYTES):
+    """Device seconds per call of read-only kernels over an nbytes array (each of copy_count copies read once):
     XLA and torch sums along either axis of a (rows, ROW) uint32 / int32 array."""
     rows = max(1, round(nbytes / 4 / ROW))
-    c = max(2, min(64, math.ceil(MIN_BYTES / (rows * ROW * 4))))
+    c = copy_count(rows * ROW * 4)
     arrs = [jax.random.bits(jax.random.key(i), (rows, ROW), jnp.uint32) for i in range(c)]
-    # each array is read once: XLA fuses sibling reductions of one array into one kernel that reads it once
-    # (rotating twice over the copies read 23 MB in 4.8 us, 4.9 TB/s, beyond HBM's 3.35 TB/s)
-    reps = c
     dummy = [jnp.zeros((), jnp.uint32)]
     out = {
-        "xla sum axis 0": jax_time(lambda _, a: jnp.sum(a, axis=0), arrs, dummy, reps),
-        "xla sum axis 1": jax_time(lambda _, a: jnp.sum(a, axis=1), arrs, dummy, reps),
+        "xla sum axis 0": jax_time(lambda _, a: jnp.sum(a, axis=0), arrs, dummy),
+        "xla sum axis 1": jax_time(lambda _, a: jnp.sum(a, axis=1), arrs, dummy),
     }
     del arrs
     if use_torch:
@@ -82,7 +79,7 @@ def read_floor(nbytes: int, use_torch: bool) -> dict[str, float]:
 
         tarrs = [torch.randint(-2**31, 2**31 - 1, (rows, ROW), dtype=torch.int32, device="cuda") for _ in range(c)]
         for dim in (0, 1):
-            out[f"torch sum dim {dim}"] = torch_graph_time(lambda a: a.sum(dim=dim, dtype=torch.int32), tarrs, reps)
+            out[f"torch sum dim {dim}"] = torch_graph_time(lambda a: a.sum(dim=dim, dtype=torch.int32), tarrs, c)
         del tarrs
     return out
 
@@ -94,7 +91,7 @@ def peak_rate(shapes, use_torch: bool) -> dict[str, float]:
     rates = {}
     big = [(8192, 8192, 8192)] if jax.default_backend() == "gpu" else []
     for m, k, n in big + [(2048, k, n) for k, n in shapes]:
-        cd = max(2, min(64, math.ceil(MIN_BYTES / (k * n * 2))))
+        cd = copy_count(k * n * 2)
         ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.float16) for i in range(cd)]
         xs = [jax.random.normal(jax.random.key(99 + i), (m, k), jnp.float16) for i in range(8)]
         tws = [torch.randn(k, n, dtype=torch.float16, device="cuda") for _ in range(cd)] if use_torch else None
@@ -113,10 +110,9 @@ def ours_m1(bits: int, k: int, n: int) -> float:
     from pallas_kernels import gptq_linear
 
     w = make_weight(jax.random.key(0), bits, k, n, 128)
-    c = max(2, min(64, math.ceil(MIN_BYTES / nbytes(w))))
-    ws = copies_of(w, c)
+    ws = copies_of(w, copy_count(nbytes(w)))
     xs = [jax.random.normal(jax.random.key(100 + i), (1, k), jnp.float16) for i in range(8)]
-    return jax_time(lambda x, ww: gptq_linear(x, ww), ws, xs, min(8 * c, 4 * c))
+    return jax_time(lambda x, ww: gptq_linear(x, ww), ws, xs)
 
 
 def main():
@@ -142,7 +138,7 @@ def main():
     print(f"fastest fp16 dense rate: {f_max/1e12:.0f} TFLOP/s ({max(rates, key=rates.get)})", flush=True)
     fp16, floors = {}, {}  # (k, n, m) -> (xla, torch) seconds; (k, n, bytes) -> {reader: seconds}
     for k, n in shapes:
-        cd = max(2, min(64, math.ceil(MIN_BYTES / (k * n * 2))))
+        cd = copy_count(k * n * 2)
         ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.float16) for i in range(cd)]
         tws = [torch.randn(k, n, dtype=torch.float16, device="cuda") for _ in range(cd)] if use_torch else None
         for m in sorted({t[2] for t in TARGETS}):

@@ -1,15 +1,16 @@
 """Benchmark the GPTQ Pallas kernels against fp16 dense (XLA jnp.dot, torch.matmul/cuBLAS) and XLA
 dequantize-then-dot, on one CUDA GPU.
 
-Method (every contender the same way): device time of R calls issued back to back, each call a distinct
-(x, weight) pair, rotating among C separate weight buffers whose total size is >= 256 MB (the H100's L2 is 50 MB,
-so weights come from HBM); a separate buffer per copy (indexing a stacked array makes XLA copy the slice).
-JAX: one jitted function performs the R calls; after a warm-up dispatch, one dispatch runs under
-`jax.profiler.trace` and the summed duration of its GPU kernels, divided by R, is the per-call time (every kernel
-of a call counts: ours includes the split-K sum). torch: the same R calls captured in one CUDA graph, replayed
-between CUDA events (median of 3). Neither figure contains host launch time; the torch figure does contain the
-graph's small device-side gaps between kernels (well under 1 us each), the JAX one none. (Until the thirteenth
-session this was wall-clock time of several dispatches, which read 2-8 us per call more: RESULTS.md.)
+Method (every contender the same way): device time of calls issued back to back over C separate weight buffers
+(>= 8, and >= 256 MB in all: the H100's L2 is 50 MB, so weights come from HBM; a separate buffer per copy, since
+indexing a stacked array makes XLA copy the slice). JAX: one jitted function calls each copy once (with several
+rounds, XLA reordered the calls and read repeated copies from L2: `jax_time`); after a warm-up dispatch, one
+dispatch runs under `jax.profiler.trace` and the summed duration of its GPU kernels, divided by C, is the per-call
+time (every kernel of a call counts: ours includes the split-K sum). torch: R calls in order over the copies,
+captured in one CUDA graph, replayed between CUDA events (median of 3). Neither figure contains host launch
+time; the torch figure does contain the graph's small device-side gaps between kernels (well under 1 us each), the
+JAX one none. (Until the thirteenth session this was wall-clock time of several dispatches, which read 2-8 us per
+call more: RESULTS.md.)
 
     python benchmarks/bench_kernels.py --sweep            # kernel variants on a few shapes (tuning)
     python benchmarks/bench_kernels.py --full --out DIR   # the RESULTS.md table, JSON and plot
@@ -41,6 +42,7 @@ from pallas_kernels import matmul as G  # noqa: E402
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 2048]
 MIN_BYTES = 256 << 20
+MIN_CALLS = 8
 
 
 def random_autogptq(key, bits: int, k: int, n: int, group: int, act: bool, sym: bool):
@@ -91,21 +93,31 @@ def nbytes(tree) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
-def jax_time(fn, ws, xs, reps: int) -> float:
-    """Device seconds per call of fn(x, w), calls r = 0..reps-1 on (xs[r // len(ws)], ws[r % len(ws)]).
+def copy_count(bytes_per_copy: int) -> int:
+    """Copies of a weight to time over: >= MIN_BYTES in all (so L2 cannot hold them) and >= MIN_CALLS, at most 64."""
+    return max(MIN_CALLS, min(64, math.ceil(MIN_BYTES / bytes_per_copy)))
+
+
+def jax_time(fn, ws, xs) -> float:
+    """Device seconds per call of fn(x, w): one call per weight copy, call r on (xs[r % len(xs)], ws[r]).
+
+    Every copy is used once. With several rounds over the copies (this function until the twenty-second session),
+    XLA's scheduler was free to reorder the independent calls, and calls on one copy read it from L2: the fp16
+    4096 x 4096 GEMV took 9.2-10.0 us over 4-8 rounds, 14.6 us in one round (cuBLAS in order: 14.0), though 8-16
+    copies (268-537 MB) rotated (RESULTS.md, twenty-second session).
 
     GPU: the summed duration of the GPU kernels of one dispatch of the jitted sequence, from a `jax.profiler`
-    trace (CUPTI's device timestamps), divided by reps: device time, whatever the host's launch rate (a
+    trace (CUPTI's device timestamps), divided by the calls: device time, whatever the host's launch rate (a
     wall-clock over the same dispatch read up to 8 us per call more on short kernels: RESULTS.md, thirteenth
     session). CPU (--dry): wall clock of the same dispatch.
     """
-    c = len(ws)
+    reps = len(ws)
 
     @jax.jit
     def run(ws, xs):
-        # the barrier keeps XLA from merging calls that share a weight (its DotMerger pass turns x0 @ w and
-        # x1 @ w into one dot, reading w once: that once made fp16 "dense" look 3x faster than HBM allows)
-        return [fn(*jax.lax.optimization_barrier((xs[r // c], ws[r % c]))) for r in range(reps)]
+        # the barrier keeps XLA from merging calls that share an operand (its DotMerger pass turns x @ w0 and
+        # x @ w1 into one dot; with a shared weight that once made fp16 "dense" look 3x faster than HBM allows)
+        return [fn(*jax.lax.optimization_barrier((xs[r % len(xs)], ws[r]))) for r in range(reps)]
 
     jax.block_until_ready(run(ws, xs))
     if jax.default_backend() != "gpu":
@@ -203,24 +215,16 @@ def copy_bandwidth() -> dict:
     return {"torch_copy_TBps": 2 * nb / t_torch / 1e12, "jax_copy_TBps": jax_copy_bandwidth(nb // 2) / 1e12}
 
 
-def rotation(bytes_per_copy: int, m: int, k: int, t_guess: float = 20e-6) -> tuple[int, int]:
-    c = max(2, min(64, math.ceil(MIN_BYTES / bytes_per_copy)))
-    reps = max(2 * c, min(400, int(3e-3 / t_guess)))
-    reps = math.ceil(reps / c) * c
-    return c, reps
-
-
 def dense_times(ws_d: list, tws: list | None, xs: list, m: int) -> tuple[float, float]:
-    """Device seconds per fp16 dense (M, K) @ (K, N): XLA `x @ w` over the JAX copies ws_d (xs: (M, K) inputs) and
-    torch.matmul over the torch copies tws (nan when tws is None), rotating over the copies."""
+    """Device seconds per fp16 dense (M, K) @ (K, N): XLA `x @ w` once over each JAX copy in ws_d (xs: (M, K)
+    inputs) and torch.matmul in order over the torch copies tws, several rounds (nan when tws is None)."""
     k, n = ws_d[0].shape
-    cd = len(ws_d)
-    reps = min(8, max(2, math.ceil(4e-3 / (k * n * 2 / 2.5e12 + 2 * m * k * n / 6e14)))) * cd
-    t_xla = jax_time(lambda x, ww: x @ ww, ws_d, xs[: max(1, reps // cd)], reps)
+    t_xla = jax_time(lambda x, ww: x @ ww, ws_d, xs)
     if tws is None:
         return t_xla, float("nan")
     import torch
 
+    reps = min(8, max(2, math.ceil(4e-3 / (k * n * 2 / 2.5e12 + 2 * m * k * n / 6e14)))) * len(tws)
     return t_xla, torch_time(tws, torch.randn(m, k, dtype=torch.float16, device="cuda"), reps)
 
 
@@ -343,10 +347,10 @@ def sweep(args):
         w = make_weight(key, 4, k, n, 128)
         wb = nbytes(w)
         dense_bytes = k * n * 2
-        cd = max(2, math.ceil(MIN_BYTES / dense_bytes))
+        cd = copy_count(dense_bytes)
         ws_d = [jax.random.normal(jax.random.key(i), (k, n), jnp.float16) for i in range(cd)]
         tws = [torch.randn(k, n, dtype=torch.float16, device="cuda") for _ in range(cd)]
-        c, _ = rotation(wb, 1, k)
+        c = copy_count(wb)
         wq = copies_of(w, c)
         for m in ms:
             xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float16) for i in range(8)]
@@ -354,11 +358,10 @@ def sweep(args):
             best = min(t_xla, t_torch)
             print(f"\n== K={k} N={n} M={m}: fp16 xla {t_xla*1e6:.1f} us, torch {t_torch*1e6:.1f} us; "
                   f"q4 {wb/1e6:.1f} MB (C={c})", flush=True)
-            reps = min(8 * c, max(2 * c, math.ceil(3e-3 / (best / 3) / c) * c))
             if m == 1:  # the weight stream alone (no dequantization), same grid as the M = 1 table entry
                 for bn_, w_, u_, prog in [(256, 8, 1, 1056), (128, 4, 2, 4224)]:
                     s_ = max(1, min(w.num_steps, round(prog / (w.n_pad // bn_))))
-                    t = jax_time(load_only(w, bn_, s_, u_, w_, True), wq, xs, reps)
+                    t = jax_time(load_only(w, bn_, s_, u_, w_, True), wq, xs)
                     print(f"  {f'load only bn={bn_} w={w_} U={u_} S={s_}':55s}: {t*1e6:8.1f} us  {wb/t/1e12:.2f} TB/s",
                           flush=True)
             for label, cfg in variants_for(k, n, m):
@@ -374,7 +377,7 @@ def sweep(args):
                         desc = (f"{cfg.mode} {cfg.convert} bm={cfg.block_m} bn={cfg.block_n} w={cfg.num_warps} "
                                 f"U={cfg.steps_per_iter} pf={int(cfg.prefetch)} S={cfg.split_k}"
                                 f"{' swap' if cfg.swap_ab else ''}")
-                    t = jax_time(fn, wq, xs, reps)
+                    t = jax_time(fn, wq, xs)
                 except Exception as e:  # report and continue the sweep
                     print(f"  {label} {cfg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
                     continue
@@ -453,19 +456,17 @@ def full(args):
         w4 = make_weight(key, 4, k, n, 128)
         wb = nbytes(w4)
         dense_bytes = k * n * 2
-        cd = max(2, math.ceil(MIN_BYTES / dense_bytes))
+        cd = copy_count(dense_bytes)
         ws_d = [jax.random.normal(jax.random.key(i), (k, n), jnp.float16) for i in range(cd)]
         tws = [torch.randn(k, n, dtype=torch.float16, device="cuda") for _ in range(cd)] if use_torch else None
-        c = max(2, min(64, math.ceil(MIN_BYTES / wb)))
-        wq = copies_of(w4, c)
+        wq = copies_of(w4, copy_count(wb))
         base = {}
         for m in ms:
             xs = [jax.random.normal(jax.random.key(100 + i), (m, k), jnp.float16) for i in range(8)]
             t_xla, t_torch = dense_times(ws_d, tws, xs, m)
             best = min(t_xla, t_torch) if use_torch else t_xla
-            reps = min(8 * c, max(2 * c, math.ceil(3e-3 / (best / 3) / c) * c))
-            t_ours = jax_time(ours, wq, xs, reps)
-            t_deq = jax_time(deq, wq, xs, min(reps, 2 * c)) if m in deq_ms else float("nan")
+            t_ours = jax_time(ours, wq, xs)
+            t_deq = jax_time(deq, wq, xs) if m in deq_ms else float("nan")
             base[m] = t_ours
             row = dict(k=k, n=n, m=m, xla_fp16=t_xla, torch_fp16=t_torch, deq_dot=t_deq, ours=t_ours,
                        speedup=best / t_ours, tbps=wb / t_ours / 1e12, qbytes=wb)
@@ -481,13 +482,11 @@ def full(args):
                                             ("3-bit", 3, False, jnp.float16, (1,))]:
             wv = make_weight(jax.random.key(7), bits, k, n, 128, act=act)
             vb = nbytes(wv)
-            cv = max(2, min(64, math.ceil(MIN_BYTES / vb)))
-            wvs = copies_of(wv, cv)
+            wvs = copies_of(wv, copy_count(vb))
             for m in [v for v in vms if v in base]:
                 xs = [jax.random.normal(jax.random.key(200 + i), (m, k), dtype) for i in range(8)]
-                reps = min(8 * cv, max(2 * cv, math.ceil(3e-3 / base[m] / cv) * cv))
                 try:
-                    t = jax_time(ours, wvs, xs, reps)
+                    t = jax_time(ours, wvs, xs)
                 except Exception as e:  # report and continue
                     print(f"  {name} M={m}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
                     continue
