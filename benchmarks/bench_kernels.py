@@ -538,6 +538,7 @@ def plot_svg(results: dict, path: Path) -> None:
                    'stroke-width="2"/>')
         out.append(f'<text x="{w - right + 46}" y="{ly + 4}">K={k}, N={n}</text>')
     out.append("</svg>")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out))
 
 
