@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from gptq_jax.generate import copy_bandwidth as jax_copy_bandwidth  # noqa: E402
 from pallas_kernels import gptq_layout as L  # noqa: E402
 from pallas_kernels import matmul as G  # noqa: E402
+from pallas_kernels.platform import compiler_params  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 2048]
@@ -279,7 +280,7 @@ def load_only(w: L.GPTQWeight, bn: int, splits: int, u: int, warps: int, evict: 
         o_ref[s, pl.ds(n0, bn)] = jnp.sum(acc, axis=0)
 
     call = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((splits, w.n_pad), jnp.int32),
-                          grid=(w.n_pad // bn, splits), compiler_params=G.compiler_params(warps, 3))
+                          grid=(w.n_pad // bn, splits), compiler_params=compiler_params(warps, 3))
     return lambda x, ww: call(ww.planes[0])
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +40,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.matmul import compiler_params
 from pallas_kernels.norm_fold import norm_scale
+from pallas_kernels.platform import Backend, compiler_params, resolve_backend
 
 __all__ = ["AttentionConfig", "apply_rotary", "attention_reference", "cache_attention_mask", "decode_attention",
            "decode_attention_reference", "qkv_from_partials", "split_qkv", "write_cache"]
@@ -354,7 +353,7 @@ def qkv_from_partials(partials: jax.Array, ssq: jax.Array, norm_size: int, norm_
 
 def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      kv_valid: jax.Array, start: jax.Array, sliding_window: int | None = None, *, num_heads: int,
-                     backend: Literal["pallas", "interpret", "xla"] | None = None,
+                     backend: Backend | None = None,
                      config: AttentionConfig | None = None, ssq: jax.Array | None = None, norm_size: int = 0,
                      norm_eps: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention: rotate the new token's q and k, write its k/v at cache slot `start`, attend
@@ -390,11 +389,8 @@ def decode_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: ja
                          f"{None if ssq is None else ssq.shape}, {norm_size}")
     dtypes = {jnp.dtype(a.dtype) for a in ((k_cache, v_cache) if partial else (qkv, k_cache, v_cache))}
     ok = len(dtypes) == 1 and dtypes.pop() in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)) and d % 32 == 0
-    if backend is None:
-        backend = "pallas" if jax.default_backend() == "gpu" and ok else "xla"
-    if backend not in ("pallas", "interpret", "xla"):
-        raise ValueError(f"backend={backend!r}: use 'pallas', 'interpret' or 'xla'")
-    if backend == "xla" or not ok:
+    backend = resolve_backend(backend, ok)
+    if backend == "xla":
         if partial:
             qkv = qkv_from_partials(qkv, ssq, norm_size, norm_eps, k_cache.dtype)
         return decode_attention_reference(qkv, cos, sin, k_cache, v_cache, kv_valid, start, sliding_window,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ from pallas_kernels.gptq_layout import GPTQWeight, part_starts
 from pallas_kernels.matmul import KernelConfig, gptq_matmul, reference
 from pallas_kernels.matmul_t import KernelConfigT, gptq_matmul_t, reference_t
 from pallas_kernels import matmul_wgmma
+from pallas_kernels.platform import Backend, resolve_backend
 
 __all__ = ["Rule", "TABLE", "TABLE_T", "choose_config", "choose_wgmma", "gptq_linear"]
 
@@ -234,7 +234,7 @@ def gptq_linear(
     w: GPTQWeight,
     bias: jax.Array | None = None,
     *,
-    backend: Literal["pallas", "interpret", "xla"] | None = None,
+    backend: Backend | None = None,
     config: KernelConfig | None = None,
     out_dtype=None,
     partials: bool = False,
@@ -256,21 +256,17 @@ def gptq_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    kernel_dtype = x.dtype in (jnp.float16, jnp.bfloat16)
-    if backend is None:
-        backend = "pallas" if jax.default_backend() == "gpu" and kernel_dtype else "xla"
-    if backend not in ("pallas", "interpret", "xla"):
-        raise ValueError(f"backend={backend!r}: use 'pallas', 'interpret' or 'xla'")
+    backend = resolve_backend(backend, eligible=x.dtype in (jnp.float16, jnp.bfloat16))
     if partials:
         if bias is not None:
             raise ValueError("partials=True returns the bare x @ W partial sums: add the bias in the consumer")
         if m == 0:
             return jnp.zeros((1, *lead, n), jnp.float32)
-        p = _forward(x2, w, None, backend if kernel_dtype else "xla", config, jnp.float32, partials=True)
+        p = _forward(x2, w, None, backend, config, jnp.float32, partials=True)
         return p.reshape(p.shape[0], *lead, n)
     if m == 0:
         return jnp.zeros((*lead, n), out_dtype)
-    y = _linear_fn(backend if kernel_dtype else "xla", config, out_dtype, bias is not None)(x2, w, bias)
+    y = _linear_fn(backend, config, out_dtype, bias is not None)(x2, w, bias)
     return y.reshape(*lead, n)
 
 

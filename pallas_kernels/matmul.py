@@ -47,8 +47,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gptq_layout import (STEP_ROWS, SUB_ROWS, GPTQWeight, dequantize, part_starts, split_parts,
                                         zero_point)
+from pallas_kernels.platform import compiler_params
 
-__all__ = ["KernelConfig", "gptq_matmul", "reference", "compiler_params"]
+__all__ = ["KernelConfig", "gptq_matmul", "reference"]
 
 _MAGIC_I32 = 0x4B000000  # bit pattern of 8388608.0 = 2^23 (float32 with mantissa ulp 1)
 _MAGIC_F32 = 8388608.0
@@ -119,12 +120,6 @@ class KernelConfig:
         ok = ("cvt", "magic", "magic16", "asm") if self.mode == "dot" else ("shift", "pos", "h2")
         if self.convert not in ok:
             raise ValueError(f"convert={self.convert!r} is not valid for mode {self.mode!r}: use one of {ok}")
-
-
-def compiler_params(num_warps: int, num_stages: int):
-    """Triton compiler parameters; the class is `CompilerParams` in JAX >= 0.7, `TritonCompilerParams` before."""
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    return cls(num_warps=num_warps, num_stages=num_stages)
 
 
 # ----------------------------------------------------------------------------------------------------------------

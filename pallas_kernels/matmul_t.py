@@ -31,8 +31,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gptq_layout import STEP_ROWS, SUB_ROWS, GPTQWeight, dequantize, split_parts, zero_point
-from pallas_kernels.matmul import (_code_int, _groups_in_step, _magic_f32, _subchunks, compiler_params,
-                                   poison_output, weight_operands)
+from pallas_kernels.matmul import _code_int, _groups_in_step, _magic_f32, _subchunks, poison_output, weight_operands
+from pallas_kernels.platform import compiler_params
 
 __all__ = ["KernelConfigT", "gptq_matmul_t", "reference_t", "unpermute"]
 

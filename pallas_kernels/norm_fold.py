@@ -23,13 +23,12 @@ unsplit kernel) goes through the XLA reference, which XLA fuses into one kernel 
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.matmul import compiler_params
+from pallas_kernels.platform import Backend, compiler_params, resolve_backend
 
 __all__ = ["BLOCK", "block_of", "norm_scale", "residual_norm", "residual_norm_reference", "silu_gate",
            "silu_gate_reference"]
@@ -145,16 +144,8 @@ def silu_gate_pallas(partials, ssq, n: int, *, eps: float = 1e-6, dtype=jnp.floa
 # wrappers
 
 
-def _backend(backend, ok: bool, split: bool) -> str:
-    if backend is None:
-        return "pallas" if jax.default_backend() == "gpu" and ok and split else "xla"
-    if backend not in ("pallas", "interpret", "xla"):
-        raise ValueError(f"backend={backend!r}: use 'pallas', 'interpret' or 'xla'")
-    return backend if ok else "xla"
-
-
 def residual_norm(partials: jax.Array, residual: jax.Array, weight: jax.Array, *,
-                  backend: Literal["pallas", "interpret", "xla"] | None = None
+                  backend: Backend | None = None
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(h, g * h, ssq) from a projection's split-K partials (S, M, N), the residual (M, N) and the norm weight g
     (N,). backend None: the Pallas kernel on a GPU for S > 1 and fp16/bf16 (N a multiple of MIN_BLOCK), the XLA
@@ -164,21 +155,21 @@ def residual_norm(partials: jax.Array, residual: jax.Array, weight: jax.Array, *
         raise ValueError(f"residual_norm: partials {partials.shape}, residual {residual.shape} and weight "
                          f"{weight.shape} do not fit (S, M, N), (M, N), (N,)")
     ok = residual.dtype in (jnp.float16, jnp.bfloat16) and n % MIN_BLOCK == 0
-    b = _backend(backend, ok, s > 1)
+    b = resolve_backend(backend, ok, kernel_pays=s > 1)
     if b == "xla":
         return residual_norm_reference(partials, residual, weight)
     return residual_norm_pallas(partials, residual, weight, interpret=b == "interpret")
 
 
 def silu_gate(partials: jax.Array, ssq: jax.Array, n: int, *, eps: float = 1e-6, dtype=jnp.float16,
-              backend: Literal["pallas", "interpret", "xla"] | None = None) -> jax.Array:
+              backend: Backend | None = None) -> jax.Array:
     """SiLU(gate) * up (M, I) in dtype from the fused gate | up projection's split-K partials (S, M, 2 I), whose
     input was g * h of a norm with sums of squares ssq (M, B) over rows of n values. backend as `residual_norm`."""
     if partials.shape[-1] % 2:
         raise ValueError(f"silu_gate: the gate | up partials have an odd width {partials.shape[-1]}")
     ok = (jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
           and (partials.shape[-1] // 2) % MIN_BLOCK == 0)
-    b = _backend(backend, ok, partials.shape[0] > 1)
+    b = resolve_backend(backend, ok, kernel_pays=partials.shape[0] > 1)
     if b == "xla":
         return silu_gate_reference(partials, ssq, n, eps=eps, dtype=dtype)
     return silu_gate_pallas(partials, ssq, n, eps=eps, dtype=jnp.dtype(dtype), interpret=b == "interpret")

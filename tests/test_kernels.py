@@ -27,6 +27,7 @@ from pallas_kernels import KernelConfig, gptq_linear, prepare
 from pallas_kernels import dispatch as D
 from pallas_kernels import gptq_layout as L
 from pallas_kernels import matmul as G
+from pallas_kernels.platform import compiler_params
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -276,7 +277,7 @@ def _call_with_grid_cut(x, w):
     poison = jnp.full(out.shape, jnp.nan, x.dtype)
     call = pl.pallas_call(functools.partial(G._kernel, st=st), out_shape=out, grid=(1, 1, 1),
                           input_output_aliases={3: 0}, interpret=INTERPRET,
-                          compiler_params=None if INTERPRET else G.compiler_params(4, 3))
+                          compiler_params=None if INTERPRET else compiler_params(4, 3))
     return call(xp, *w.planes, w.scales, poison)[: x.shape[0]]
 
 
