@@ -267,10 +267,9 @@ def _block_pallas(W1T, S1T, Z1T, Hinv1, maxq, *, tile_rows: int, num_warps: int,
     tile = pl.BlockSpec((B, tm), lambda i: (0, i))
     kwargs = {}
     if not interpret:
-        from jax.experimental.pallas import triton as plt
+        from pallas_kernels.platform import compiler_params
 
-        params_cls = getattr(plt, "CompilerParams", None) or getattr(plt, "TritonCompilerParams")
-        kwargs["compiler_params"] = params_cls(num_warps=num_warps, num_stages=1)
+        kwargs["compiler_params"] = compiler_params(num_warps, 1)
     codesT, ErrT, loss = pl.pallas_call(
         kernel,
         grid=(N // tm,),
@@ -532,7 +531,6 @@ def _default_backend() -> str:
 
 def _factorise(Hp: jax.Array, config: QuantizeConfig, method: str, name: str):
     """Damping retry loop (section 2.7, GPTQModel HEAD semantics). Returns (U or None, damp, floor, attempts)."""
-    K = Hp.shape[0]
     attempts = 0
     if not bool(jnp.all(jnp.isfinite(Hp))):
         logger.warning("%s: the Hessian has non-finite entries; no damping can fix that", name)
