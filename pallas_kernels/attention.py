@@ -176,7 +176,7 @@ def _kernel(start_ref, qkv_ref, cos_ref, sin_ref, kc_ref, vc_ref, valid_ref, *re
     cos_lo, cos_hi, sin_lo, sin_hi = cos_ref[b, lo], cos_ref[b, hi], sin_ref[b, lo], sin_ref[b, hi]
 
     if st.parts:  # q | k | v = r * (sum of the partials), rounded to the compute dtype (as the XLA reference)
-        r = jax.lax.rsqrt(jnp.sum(ssq_ref[b, :]) / st.norm_n + st.norm_eps)
+        r = norm_scale(ssq_ref[b, :], st.norm_n, st.norm_eps, keepdims=False)
 
         def fetch(heads, cols, mask=None):
             acc = None

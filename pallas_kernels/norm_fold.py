@@ -49,9 +49,10 @@ def _pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def norm_scale(ssq: jax.Array, n: int, eps: float) -> jax.Array:
-    """r = rsqrt(sum(ssq) / n + eps): ssq (M, B) float32 block sums of squares of rows of n values -> (M, 1)."""
-    return jax.lax.rsqrt(jnp.sum(ssq, axis=-1, keepdims=True) / n + eps)
+def norm_scale(ssq: jax.Array, n: int, eps: float, keepdims: bool = True) -> jax.Array:
+    """r = rsqrt(sum(ssq) / n + eps): ssq (M, B) float32 block sums of squares of rows of n values -> (M, 1); in a
+    kernel, one row's (B,) -> a scalar (keepdims=False)."""
+    return jax.lax.rsqrt(jnp.sum(ssq, axis=-1, keepdims=keepdims) / n + eps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def _residual_norm_kernel(p_ref, res_ref, g_ref, h_ref, xg_ref, ssq_ref, *, s: i
 
 def _silu_gate_kernel(p_ref, ssq_ref, o_ref, *, s: int, inter: int, n: int, block: int, eps: float):
     j, i = pl.program_id(0), pl.program_id(1)
-    r = jax.lax.rsqrt(jnp.sum(ssq_ref[i, :]) / n + eps)
+    r = norm_scale(ssq_ref[i, :], n, eps, keepdims=False)
     gc, uc = pl.ds(j * block, block), pl.ds(inter + j * block, block)
     ga, ua = p_ref[0, i, gc].astype(jnp.float32), p_ref[0, i, uc].astype(jnp.float32)
     for k in range(1, s):
