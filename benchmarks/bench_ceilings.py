@@ -128,8 +128,7 @@ def main():
     if args.report:
         print(markdown(evaluate_runs([json.loads(Path(f).read_text()) for f in args.report])))
         return
-    gpu = jax.default_backend() == "gpu"
-    use_torch = gpu
+    use_torch = jax.default_backend() == "gpu"  # torch contenders (CUDA graphs) on the GPU only
     if use_torch:
         import torch
     print("devices", jax.devices(), "jax", jax.__version__, flush=True)
